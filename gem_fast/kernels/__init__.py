@@ -1,0 +1,211 @@
+"""Per-token log-probs, softmax entropy and weighted log-prob losses from ``hidden @ weight.T``.
+
+Standalone: imports torch (and triton for the ``triton`` backend) only. Math, for one token with
+z = (W h + b) / T: ``logp(y) = z_y - lse(z)``, ``H = lse(z) - Σ_j p_j z_j`` (nats), accumulated
+in float32 whatever the input dtype.
+
+Backends: ``naive`` materialises the ``[N, V]`` logits (the reference); ``torch`` chunks tokens
+so only a ``[chunk, V]`` block exists at a time; ``triton`` does the same with the vocab-wide
+reductions and the logit gradient in Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+``auto`` picks ``triton`` on CUDA and ``torch`` elsewhere, and logs the choice once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+from . import naive
+from .chunked import _EntropyFromLogits, _LinearLogprobEntropy, _WeightedLogprobLoss
+
+__all__ = [
+    "BACKENDS",
+    "entropy_from_logits",
+    "fused_logprob_entropy",
+    "resolve_backend",
+    "weighted_logprob_loss",
+]
+
+BACKENDS = ("auto", "naive", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_log = logging.getLogger(__name__)
+_auto_logged: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend that ``backend`` runs as on ``device`` (``auto`` -> ``triton`` on CUDA)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend != "auto":
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before gem_fast "
+                f"is imported to run on {device.type}"
+            )
+        return backend
+    chosen = "triton" if device.type == "cuda" else "torch"
+    if device.type not in _auto_logged:
+        _auto_logged.add(device.type)
+        _log.info("gem_fast.kernels: backend 'auto' runs as %r on %s", chosen, device.type)
+    return chosen
+
+
+def _row_ops(backend: str) -> ModuleType:
+    # Imported on first use so that `import gem_fast.kernels` never compiles or loads Triton.
+    return importlib.import_module(f".{backend}_rows", __name__)
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype, got {tensor.dtype}")
+
+
+def _check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name}: on {tensor.device}, expected {device} like hidden")
+
+
+def _check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> None:
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected shape [..., H] with H > 0, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight: expected shape [V, {hidden.shape[-1]}] (hidden is {tuple(hidden.shape)}), "
+            f"got {tuple(weight.shape)}"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets: expected an int64 tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+            f"got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_same_device(hidden.device, weight=weight, targets=targets, bias=bias)
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    _check_targets_in_range(targets, weight.shape[0], ignore_index)
+
+
+def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if targets.is_cuda:
+        # A device-side assert instead of a host sync: the check must not stall the stream.
+        torch._assert_async(~bad.any(), f"targets: values outside [0, {vocab}) that are not ignore_index")
+    elif bad.any():
+        first = targets[bad][0]
+        raise ValueError(
+            f"targets: {int(first)} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def _check_token_weights(name: str, weights: torch.Tensor, targets: torch.Tensor) -> None:
+    _check_float(name, weights)
+    if tuple(weights.shape) != tuple(targets.shape):
+        raise ValueError(f"{name}: expected shape {tuple(targets.shape)} like targets, got {tuple(weights.shape)}")
+    _check_same_device(targets.device, **{name: weights})
+
+
+def fused_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and softmax entropy (nats) per token, without [N, V] logits.
+
+    hidden [..., H], weight [V, H], targets [...] int64, bias [V] or None. Returns ``(logp,
+    entropy)``, float32 of shape [...], differentiable w.r.t. hidden, weight and bias through
+    both; rows whose target is ``ignore_index`` give 0 and pass no gradient.
+    """
+    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    backend = resolve_backend(backend, hidden.device)
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    if backend == "naive":
+        logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
+    else:
+        logp, entropy = _LinearLogprobEntropy.apply(
+            flat_hidden, weight, bias, flat_targets, temperature, ignore_index, _row_ops(backend)
+        )
+    return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+def weighted_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    entropy_weights: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Scalar ``-Σ_t token_weights[t]·logp_t - Σ_t entropy_weights[t]·H_t`` over non-ignored tokens.
+
+    Shapes as :func:`fused_logprob_entropy`; token_weights / entropy_weights [...] like targets,
+    treated as constants (advantages, SFT masks, entropy-bonus coefficients: no gradient flows
+    into them). The fused backends produce the gradients during the forward pass, one logit GEMM
+    per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor.
+    """
+    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    _check_token_weights("token_weights", token_weights, targets)
+    if entropy_weights is None:
+        entropy_weights = torch.zeros_like(token_weights, dtype=torch.float32)
+    _check_token_weights("entropy_weights", entropy_weights, targets)
+    backend = resolve_backend(backend, hidden.device)
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    w, e = token_weights.detach().reshape(-1), entropy_weights.detach().reshape(-1)
+    if backend == "naive":
+        logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
+        return -(w.float() * logp).sum() - (e.float() * entropy).sum()
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _WeightedLogprobLoss.apply(
+        flat_hidden, weight, bias, flat_targets, w, e, temperature, ignore_index, _row_ops(backend), needs
+    )
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / T) over the last dim, one streaming pass per row.
+
+    logits [..., V] (any float dtype) -> float32 [...]; differentiable. No probability tensor
+    is allocated on the fused backends.
+    """
+    _check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    backend = resolve_backend(backend, logits.device)
+    if backend == "naive":
+        return naive.entropy_from_logits(logits, temperature)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _EntropyFromLogits.apply(flat, temperature, _row_ops(backend)).view(logits.shape[:-1])

@@ -1,0 +1,41 @@
+"""The ``naive`` backend: materialises the full ``[N, V]`` logits and lets autograd do the rest.
+
+It is the plain-torch formulation every peer compares with, and the yardstick for the fused
+backends' numbers and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _log_softmax_and_entropy(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logp = z.log_softmax(-1)
+    p = logp.exp()
+    # Masked vocabulary (-inf logits) has p = 0 and logp = -inf: zero the log before the
+    # product, or the backward of p * logp computes 0 * -inf = nan.
+    finite_logp = torch.where(p > 0, logp, torch.zeros((), dtype=p.dtype, device=p.device))
+    return logp, -(p * finite_logp).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / T) over the last dim: [..., V] -> [...]."""
+    return _log_softmax_and_entropy(logits, temperature)[1].float()
+
+
+def logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-prob and entropy per token: hidden [N, H], weight [V, H] -> two float32 [N]."""
+    logp_all, entropy = _log_softmax_and_entropy(F.linear(hidden, weight, bias), temperature)
+    valid = targets != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return torch.where(valid, logp, zero).float(), torch.where(valid, entropy, zero).float()

@@ -1,0 +1,163 @@
+"""Vocab-row math on a block of logits as Triton kernels (the ``triton`` backend).
+
+One kernel family: each program owns ``BLOCK_R`` rows and streams the vocabulary in
+``BLOCK_V`` tiles, keeping the online softmax statistics (running max ``m``, ``s = Σ e^{z-m}``,
+``t = Σ e^{z-m} (z-m)``) in fp32 registers, so no probability tensor is ever written.
+``row_stats`` gives log-sum-exp, entropy and the target logit; ``row_grad`` writes the logit
+gradient tile by tile (in place when ``out`` is the logits block).
+
+On a machine without CUDA this module must be imported with ``TRITON_INTERPRET=1`` set.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Upper bound on the vocab tile. Tests lower it to force several ragged tiles on small vocabs.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _row_stats_kernel(
+    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, R, V, inv_t,
+    HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    row_base = z_ptr + rows.to(tl.int64)[:, None] * stride_z
+    if HAS_TARGET:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    # -inf start (not 0): all-negative logits must not be clipped at exp(0 - 0).
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R], tl.float32)
+    t = tl.zeros([BLOCK_R], tl.float32)
+    tz = tl.zeros([BLOCK_R], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        # Out-of-range columns read as -inf so they add exp(-inf) = 0, never exp(0).
+        z = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        e = tl.exp(z - shift[:, None])
+        # t = Σ e^{z-m} (z - m) relative to the running max (not Σ e^{z-m} z, which cancels
+        # catastrophically for logits of large magnitude); moving m re-bases the old sum.
+        alpha = tl.exp(m - shift)
+        rebase = tl.where(s > 0, (m - shift) * s, 0.0)
+        t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+        if HAS_TARGET:
+            tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_ok)
+    tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_ok)
+    if HAS_TARGET:
+        tl.store(tz_ptr + rows, tz, mask=row_ok)
+
+
+@triton.jit
+def _round_to_bfloat16(x):
+    # Round-to-nearest-even in the bits, leaving a value bf16 holds exactly: the GPU's cast
+    # rounds like this, but the interpreter's truncates, which would double the CPU error.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_grad_kernel(
+    z_ptr, stride_z, out_ptr, stride_out, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, R, V, inv_t,
+    HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)[:, None]
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    mean_z = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+    g_h = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_TARGET:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        z = tl.load(z_ptr + rows64 * stride_z + cols[None, :], mask=ok, other=float("-inf"))
+        z = z.to(tl.float32) * inv_t
+        p = tl.exp(z - lse[:, None])
+        dz = -g_h[:, None] * tl.where(p > 0, p * (z - mean_z[:, None]), 0.0)
+        if HAS_TARGET:
+            dz += g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        d_logits = dz * inv_t
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            d_logits = _round_to_bfloat16(d_logits)
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], d_logits, mask=ok)
+
+
+def _launch_config(logits: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps): one row a program on a GPU, several in the interpreter."""
+    block_v = min(triton.next_power_of_2(logits.shape[1]), MAX_BLOCK_V)
+    if logits.is_cuda:
+        return 1, block_v, 8 if block_v >= 2048 else 4
+    return 16, block_v, 1
+
+
+def _unit_stride(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def row_stats(
+    logits: torch.Tensor, targets: torch.Tensor | None, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row log-sum-exp, entropy (nats) and target logit of ``logits * inv_temperature``.
+
+    logits [R, V] (rows may be strided); targets [R] int64 or None (a target outside [0, V)
+    matches nothing and gives target logit 0). Returns float32 [R] tensors.
+    """
+    logits = _unit_stride(logits)
+    n_rows, vocab = logits.shape
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(lse)
+    target_logit = torch.empty_like(lse) if targets is not None else None
+    block_r, block_v, warps = _launch_config(logits)
+    _row_stats_kernel[(triton.cdiv(n_rows, block_r),)](
+        logits, logits.stride(0),
+        targets.contiguous() if targets is not None else lse,
+        lse, entropy, target_logit if target_logit is not None else lse,
+        n_rows, vocab, inv_temperature,
+        HAS_TARGET=targets is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+    )
+    return lse, entropy, target_logit
+
+
+def row_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor,
+    inv_temperature: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write d(loss)/d(logits) into ``out`` ([R, V], may alias ``logits``) and return it.
+
+    dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)), d(logits) = dz * inv_temperature.
+    """
+    logits = _unit_stride(logits)
+    if out.stride(1) != 1:
+        raise ValueError("out: the vocab dimension must have unit stride")
+    n_rows, vocab = logits.shape
+    block_r, block_v, warps = _launch_config(logits)
+    has_target = targets is not None
+    _row_grad_kernel[(triton.cdiv(n_rows, block_r),)](
+        logits, logits.stride(0), out, out.stride(0),
+        targets.contiguous() if has_target else lse,
+        lse.contiguous(), entropy.contiguous(),
+        grad_logp.contiguous() if has_target else lse,
+        grad_entropy.contiguous(),
+        n_rows, vocab, inv_temperature,
+        HAS_TARGET=has_target, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+    )
+    return out

@@ -1,0 +1,12 @@
+import os
+
+# Triton kernels run under the interpreter on machines without CUDA; the variable must be set
+# before any @triton.jit function is defined, i.e. before gem_fast.kernels' Triton module loads.
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard requirement
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,269 @@
+"""gem_fast.kernels against a float64 reference: values and gradients, every backend.
+
+On CPU the Triton backend runs under the interpreter at small sizes, with vocab tiles and token
+chunks made small so that every test crosses several ragged tiles and chunks; with CUDA the same
+tests run at full size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gem_fast.kernels as K
+from gem_fast.kernels import chunked, entropy_from_logits, fused_logprob_entropy, weighted_logprob_loss
+from kernel_reference import entropy_f64, logprob_entropy_f64
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BACKENDS = ["naive", "torch", "triton"]
+# (tokens, hidden, vocab): vocab is never a multiple of a tile, tokens never of a chunk.
+SHAPE = (1027, 512, 50257) if CUDA else (37, 24, 300)
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    if not CUDA:
+        import gem_fast.kernels.triton_rows as triton_rows
+
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK_V", 64)
+        # 300-wide float32 rows -> 8 tokens a chunk: 37 tokens make 5 chunks, the last ragged.
+        monkeypatch.setitem(chunked.CHUNK_BYTES, "cpu", 8 * 300 * 4)
+
+
+def make_inputs(case: str, dtype=torch.float32, seed=0):
+    n, h, v = SHAPE
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g) / h**0.5
+    weight = torch.randn(v, h, generator=g) * 2
+    bias = torch.randn(v, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::5] = -100
+    if case == "one_token":
+        hidden, targets = hidden[:1], torch.randint(0, v, (1,), generator=g)
+    elif case == "all_ignored":
+        targets = torch.full_like(targets, -100)
+    elif case == "peaked":
+        bias[7] = 80.0  # one logit dominates every row; other targets have logp near -80
+        targets[1::3] = 7
+    elif case == "all_negative":
+        bias -= 1000.0  # a running max started at 0 would underflow every exp
+    elif case == "batched":
+        hidden, targets = hidden[:36].reshape(4, 9, h), targets[:36].reshape(4, 9)
+    hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
+    if case == "non_contiguous":
+        hidden = torch.stack([hidden, hidden], dim=-1)[..., 0]
+        weight = weight.T.contiguous().T
+        targets = torch.stack([targets, targets], dim=-1)[..., 0]
+        assert not (hidden.is_contiguous() or weight.is_contiguous() or targets.is_contiguous())
+    hidden, weight, bias = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias))
+    return hidden, weight, bias, targets
+
+
+CASES = ["basic", "one_token", "all_ignored", "peaked", "all_negative", "non_contiguous", "batched"]
+
+
+def upstream(shape, seed):
+    # Per-token upstream gradients, deliberately non-contiguous.
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, 2, generator=g, dtype=torch.float32)[..., 0].to(DEVICE)
+
+
+def close(actual, expected, scale=1.0, tol=2e-4):
+    actual, expected = actual.double(), expected.double()
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprob_entropy_matches_float64(backend, case):
+    hidden, weight, bias, targets = make_inputs(case)
+    temperature = 0.7
+    logp, entropy = fused_logprob_entropy(
+        hidden, weight, targets, bias=bias, temperature=temperature, backend=backend
+    )
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == targets.shape
+    ref_logp, ref_entropy = logprob_entropy_f64(hidden, weight, targets, bias, temperature)
+    close(logp, ref_logp, scale=ref_logp.abs().max().item() + 1)
+    close(entropy, ref_entropy)
+
+    g_logp, g_entropy = upstream(targets.shape, 1), upstream(targets.shape, 2)
+    grads = torch.autograd.grad((logp, entropy), (hidden, weight, bias), (g_logp, g_entropy))
+    ref_grads = torch.autograd.grad((ref_logp, ref_entropy), (hidden, weight, bias), (g_logp, g_entropy))
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32, name
+        close(got, want, scale=want.abs().max().item() + 1e-3)
+    ignored = targets == -100
+    assert torch.all(logp[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    if ignored.all():
+        assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_pass_no_gradient(backend):
+    hidden, weight, bias, targets = make_inputs("basic")
+    logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend=backend)
+    (d_hidden,) = torch.autograd.grad((logp + entropy).sum(), hidden)
+    flat = d_hidden.reshape(-1, d_hidden.shape[-1])
+    ignored = targets.reshape(-1) == -100
+    assert torch.all(flat[ignored] == 0) and torch.all(flat[~ignored].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_error_no_worse_than_plain_bf16_torch(backend):
+    hidden, weight, bias, targets = make_inputs("basic", dtype=torch.bfloat16)
+    g_logp, g_entropy = upstream(targets.shape, 1), upstream(targets.shape, 2)
+
+    def errors(which):
+        logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend=which)
+        grads = torch.autograd.grad((logp, entropy), (hidden, weight, bias), (g_logp, g_entropy))
+        ref = logprob_entropy_f64(hidden, weight, targets, bias)
+        ref_grads = torch.autograd.grad(ref, (hidden, weight, bias), (g_logp, g_entropy))
+        outs = (logp, entropy, *grads)
+        # Relative RMS error: a max over bf16 values only counts ulps at the rounding boundary.
+        return [((o.double() - r) .norm() / r.norm()).item() for o, r in zip(outs, (*ref, *ref_grads))]
+
+    ours, plain = errors(backend), errors("naive")
+    for name, e_ours, e_plain in zip(("logp", "entropy", "d_hidden", "d_weight", "d_bias"), ours, plain):
+        assert e_ours <= 1.25 * e_plain + 1e-4, (name, e_ours, e_plain)
+
+
+@pytest.mark.parametrize("case", ["basic", "peaked", "non_contiguous", "batched"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weighted_loss_equals_naive_formula(backend, case):
+    hidden, weight, bias, targets = make_inputs(case)
+    token_weights, entropy_weights = upstream(targets.shape, 3), upstream(targets.shape, 4)
+    kwargs = dict(bias=bias, temperature=1.3, entropy_weights=entropy_weights)
+    loss = weighted_logprob_loss(hidden, weight, targets, token_weights, backend=backend, **kwargs)
+    logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, temperature=1.3, backend="naive")
+    expected = -(token_weights * logp).sum() - (entropy_weights * entropy).sum()
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    close(loss, expected, scale=expected.abs().item() + 1)
+    # The stored gradients are scaled by the upstream gradient, here 2.5.
+    grads = torch.autograd.grad(2.5 * loss, (hidden, weight, bias))
+    ref_grads = torch.autograd.grad(2.5 * expected, (hidden, weight, bias))
+    for got, want in zip(grads, ref_grads):
+        close(got, want, scale=want.abs().max().item() + 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_loss_without_grad_and_with_frozen_weight(backend):
+    hidden, weight, bias, targets = make_inputs("basic")
+    token_weights = upstream(targets.shape, 5)
+    with torch.no_grad():
+        value = weighted_logprob_loss(hidden, weight, targets, token_weights, backend=backend)
+    frozen = weight.detach()
+    loss = weighted_logprob_loss(hidden, frozen, targets, token_weights, backend=backend)
+    close(loss, value, scale=value.abs().item() + 1)
+    (d_hidden,) = torch.autograd.grad(loss, hidden)
+    ref = logprob_entropy_f64(hidden, frozen, targets)[0]
+    (want,) = torch.autograd.grad(-(token_weights * ref).sum(), hidden)
+    close(d_hidden, want, scale=want.abs().max().item())
+
+
+def entropy_inputs(case: str, dtype=torch.float32):
+    n, _, v = SHAPE
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(n, v, generator=g) * 3
+    if case == "peaked":
+        logits[:, 3] = 80.0
+    elif case == "all_negative":
+        logits -= 1000.0
+    elif case == "masked_vocab":
+        logits[:, ::3] = float("-inf")  # e.g. after top-k or a vocab mask
+    elif case == "batched":
+        logits = logits[:36].reshape(3, 12, v)
+    logits = logits.to(DEVICE, dtype)
+    if case == "non_contiguous":
+        logits = logits.T.contiguous().T
+        assert not logits.is_contiguous()
+    return logits.detach().requires_grad_()
+
+
+@pytest.mark.parametrize("case", ["basic", "peaked", "all_negative", "masked_vocab", "non_contiguous", "batched"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_from_logits_matches_float64(backend, case):
+    logits = entropy_inputs(case)
+    entropy = entropy_from_logits(logits, temperature=1.7, backend=backend)
+    ref = entropy_f64(logits, temperature=1.7)
+    assert entropy.dtype == torch.float32 and entropy.shape == logits.shape[:-1]
+    close(entropy, ref)
+    g = upstream(entropy.shape, 6)
+    (got,) = torch.autograd.grad(entropy, logits, g)
+    (want,) = torch.autograd.grad(ref, logits, g)
+    assert torch.isfinite(got).all()
+    close(got, want, scale=want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_from_logits_bf16(backend):
+    logits = entropy_inputs("basic", dtype=torch.bfloat16).detach()
+    err = (entropy_from_logits(logits, backend=backend).double() - entropy_f64(logits)).abs().max()
+    # bf16 inputs are exact; only the fp32 accumulation rounds.
+    assert err < 1e-4
+
+
+def test_triton_backend_launches_triton_kernels(monkeypatch):
+    import gem_fast.kernels.triton_rows as triton_rows
+
+    launches = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_row_stats_kernel", "_row_grad_kernel"):
+        monkeypatch.setattr(triton_rows, name, Counting(name, getattr(triton_rows, name)))
+    hidden, weight, bias, targets = make_inputs("basic")
+    logp, _ = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend="triton")
+    logp.sum().backward()
+    assert "_row_stats_kernel" in launches and "_row_grad_kernel" in launches
+
+
+def test_auto_backend_resolution():
+    assert K.resolve_backend("auto", "cpu") == "torch"
+    assert K.resolve_backend("auto", "cuda") == "triton"
+    assert K.resolve_backend("naive", "cpu") == "naive"
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend"):
+        K.resolve_backend("triton", "cpu")
+
+
+def _bad_calls():
+    hidden, weight, bias, targets = [t.detach() for t in make_inputs("basic")]
+    n, h, v = SHAPE
+    w = torch.ones(n, device=DEVICE)
+    call = fused_logprob_entropy
+    yield "hidden", lambda: call(hidden.long(), weight, targets)
+    yield "weight", lambda: call(hidden, weight[:, :-1], targets)
+    yield "weight", lambda: call(hidden, weight[None], targets)
+    yield "targets", lambda: call(hidden, weight, targets[:-1])
+    yield "targets", lambda: call(hidden, weight, targets.float())
+    yield "bias", lambda: call(hidden, weight, targets, bias=bias[:-1])
+    yield "weight", lambda: call(hidden, weight.to("meta"), targets)
+    yield "temperature", lambda: call(hidden, weight, targets, temperature=0.0)
+    yield "backend", lambda: call(hidden, weight, targets, backend="cuda")
+    yield "token_weights", lambda: weighted_logprob_loss(hidden, weight, targets, w[:-1])
+    yield "entropy_weights", lambda: weighted_logprob_loss(hidden, weight, targets, w, entropy_weights=w[1:])
+    yield "logits", lambda: entropy_from_logits(torch.ones(3, 4, dtype=torch.long))
+    yield "logits", lambda: entropy_from_logits(torch.ones(3, 0))
+    if not CUDA:  # on CUDA the range check is a device-side assert (no host sync)
+        too_big = targets.clone()
+        too_big[3] = v
+        yield "targets", lambda: call(hidden, weight, too_big)
+        negative = targets.clone()
+        negative[0] = -1
+        yield "targets", lambda: call(hidden, weight, negative)
+
+
+@pytest.mark.parametrize("argument,call", list(_bad_calls()), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_names_the_argument(argument, call):
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        call()
