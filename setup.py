@@ -19,6 +19,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "pyarrow",
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1"],

@@ -10,3 +10,7 @@ except ImportError:  # pragma: no cover - torch is a hard requirement
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests run tiny models whose ops are too small for two OpenMP threads to pay off; one thread
+# per process is several times faster here. Subprocess-based tests (peak RSS) keep their default.
+torch.set_num_threads(1)

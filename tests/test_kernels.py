@@ -267,3 +267,13 @@ def _bad_calls():
 def test_bad_input_names_the_argument(argument, call):
     with pytest.raises(ValueError, match=rf"^{argument}:"):
         call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weighted_loss_refuses_a_second_backward(backend):
+    # Its stored gradients are scaled in place, so a retained graph must not be reused silently.
+    hidden, weight, bias, targets = make_inputs("basic")
+    loss = weighted_logprob_loss(hidden, weight, targets, upstream(targets.shape, 8), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()

@@ -107,6 +107,21 @@ def _check_linear_inputs(
     _check_targets_in_range(targets, weight.shape[0], ignore_index)
 
 
+def _prepare_linear(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Validate, resolve the backend and flatten: -> (backend, hidden [N, H], targets [N] int64)."""
+    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    backend = resolve_backend(backend, hidden.device)
+    return backend, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+
+
 def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if targets.is_cuda:
@@ -142,9 +157,9 @@ def fused_logprob_entropy(
     entropy)``, float32 of shape [...], differentiable w.r.t. hidden, weight and bias through
     both; rows whose target is ``ignore_index`` give 0 and pass no gradient.
     """
-    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    backend = resolve_backend(backend, hidden.device)
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    backend, flat_hidden, flat_targets = _prepare_linear(
+        hidden, weight, targets, bias, temperature, ignore_index, backend
+    )
     if backend == "naive":
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
     else:
@@ -173,13 +188,13 @@ def weighted_logprob_loss(
     into them). The fused backends produce the gradients during the forward pass, one logit GEMM
     per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor.
     """
-    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    backend, flat_hidden, flat_targets = _prepare_linear(
+        hidden, weight, targets, bias, temperature, ignore_index, backend
+    )
     _check_token_weights("token_weights", token_weights, targets)
     if entropy_weights is None:
         entropy_weights = torch.zeros_like(token_weights, dtype=torch.float32)
     _check_token_weights("entropy_weights", entropy_weights, targets)
-    backend = resolve_backend(backend, hidden.device)
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
     w, e = token_weights.detach().reshape(-1), entropy_weights.detach().reshape(-1)
     if backend == "naive":
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)

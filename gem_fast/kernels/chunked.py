@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 # Bytes of one chunk's logits block (counted as float32). Tests lower these to force many chunks.
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 
 
 def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -153,15 +153,19 @@ class _WeightedLogprobLoss(torch.autograd.Function):
             grad_logp=g_lp, grad_entropy=g_h, needs=needs,
         )
         ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.has_grad = tuple(g is not None for g in grads)
+        ctx.has_grad, ctx.consumed = tuple(g is not None for g in grads), False
         logp = torch.where(valid, stats.target_logit - stats.lse, zero)
         return (g_lp * logp).sum() + (g_h * torch.where(valid, stats.entropy, zero)).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled in place (no second copy of a [V, H] gradient, no host sync to test for 1.0),
+        # which is why a second backward through the same graph must be refused.
+        if ctx.consumed:
+            raise RuntimeError("weighted_logprob_loss: backward can run only once per forward")
+        ctx.consumed = True
         stored = iter(ctx.saved_tensors)
-        # A 0-dim scale keeps each stored gradient's dtype; no host sync.
-        scaled = [next(stored) * grad_loss if has else None for has in ctx.has_grad]
+        scaled = [next(stored).mul_(grad_loss) if has else None for has in ctx.has_grad]
         return (*scaled, None, None, None, None, None, None, None)
 
 
@@ -169,12 +173,9 @@ class _EntropyFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, temperature, rows):
         inv_t = 1.0 / temperature
-        n_rows, vocab = logits.shape
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(lse)
-        step = chunk_rows(n_rows, vocab, logits.device)
-        for start in range(0, n_rows, step):
-            part = slice(start, start + step)
+        for part in _row_chunks(logits):
             lse[part], entropy[part], _ = rows.row_stats(logits[part], None, inv_t)
         ctx.save_for_backward(logits, lse, entropy)
         ctx.inv_t, ctx.rows = inv_t, rows
@@ -184,6 +185,15 @@ class _EntropyFromLogits(torch.autograd.Function):
     def backward(ctx, grad_entropy):
         logits, lse, entropy = ctx.saved_tensors
         d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        ctx.rows.row_grad(logits, None, lse, entropy, None, grad_entropy.float().contiguous(),
-                          ctx.inv_t, out=d_logits)
+        grad_entropy = grad_entropy.float()
+        for part in _row_chunks(logits):
+            ctx.rows.row_grad(logits[part], None, lse[part], entropy[part], None, grad_entropy[part],
+                              ctx.inv_t, out=d_logits[part])
         return d_logits, None, None
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Row slices of ``logits`` [R, V] sized like the linear path's chunks (bounded temporaries)."""
+    n_rows, vocab = logits.shape
+    step = chunk_rows(n_rows, vocab, logits.device)
+    return [slice(start, start + step) for start in range(0, n_rows, step)]

@@ -2,6 +2,8 @@
 
 Same contract as :mod:`gem_fast.kernels.triton_rows`: ``logits`` is a ``[R, V]`` block of raw
 logits (bias included, temperature not yet applied), work happens in float32 whatever its dtype.
+Every function allocates at most two block-sized temporaries (in-place ops otherwise): on a CPU
+these passes over memory, not the FLOPs, are what the chunked path pays beyond the GEMMs.
 """
 
 from __future__ import annotations
@@ -9,14 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def _scaled_float(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    # float64 input stays float64 (tests use it as the reference); everything else goes to fp32.
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temperature
-
-
-def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # p * x with 0 where p == 0, so that -inf logits (masked vocab) give 0, not 0 * -inf = nan.
-    return torch.where(p > 0, p * x, torch.zeros((), dtype=p.dtype, device=p.device))
+def _scaled_finite(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    # A fresh float copy (float64 input stays float64: tests use it as the reference). -inf
+    # logits (masked vocabulary) become the most negative finite value: exp gives exactly 0 and
+    # products with a zero probability stay 0 instead of 0 * -inf = nan.
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temperature
+    return z.clamp_(min=torch.finfo(z.dtype).min)
 
 
 def row_stats(
@@ -27,21 +27,21 @@ def row_stats(
     logits [R, V]; targets [R] int64 or None (a target outside [0, V) matches nothing and gives
     target logit 0). Returns three float32 [R] tensors (the last is None without targets).
     """
-    z = _scaled_float(logits, inv_temperature)
-    # Entropy from logits shifted by the row max: H = log s - Σ e (z - m) / s. The unshifted
-    # lse - Σ p z cancels two numbers of size |z| and loses everything when logits are ~ -1e3.
-    row_max = z.amax(-1, keepdim=True)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    e = torch.exp(z - shift)
-    s = e.sum(-1)
-    lse = shift.squeeze(-1) + torch.log(s)
-    entropy = torch.log(s) - _p_times(e, z - shift).sum(-1) / s
+    z = _scaled_finite(logits, inv_temperature)
     target_logit = None
     if targets is not None:
         in_range = (targets >= 0) & (targets < z.shape[-1])
         picked = z.gather(-1, torch.where(in_range, targets, 0)[:, None]).squeeze(-1)
         target_logit = torch.where(in_range, picked, 0.0).float()
-    return lse.float(), entropy.float(), target_logit
+    # Entropy from logits shifted by the row max: H = log s - Σ e (z - m) / s. The unshifted
+    # lse - Σ p z cancels two numbers of size |z| and loses everything when logits are ~ -1e3.
+    row_max = z.amax(-1, keepdim=True)
+    shifted = z.sub_(row_max)
+    e = shifted.exp()
+    s = e.sum(-1)
+    t = torch.einsum("rv,rv->r", e, shifted)  # Σ e·(z - m) without another block temporary
+    lse = row_max.squeeze(-1) + torch.log(s)
+    return lse.float(), (torch.log(s) - t / s).float(), target_logit
 
 
 def row_grad(
@@ -59,18 +59,17 @@ def row_grad(
     With z = logits * inv_temperature and p = softmax(z):
     dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)); d(logits) = dz * inv_temperature.
     """
-    z = _scaled_float(logits, inv_temperature)
-    p = torch.exp(z - lse[:, None].to(z.dtype))
-    mean_z = (lse - entropy)[:, None].to(z.dtype)
-    dz = -grad_entropy[:, None].to(z.dtype) * _p_times(p, z - mean_z)
+    z = _scaled_finite(logits, inv_temperature)
+    dtype = z.dtype
+    p = (z - lse[:, None].to(dtype)).exp_()
+    d_z = z.sub_((lse - entropy)[:, None].to(dtype)).mul_(p).mul_(-grad_entropy[:, None].to(dtype))
     if targets is not None:
-        dz -= grad_logp[:, None].to(z.dtype) * p
+        d_z.sub_(p.mul_(grad_logp[:, None].to(dtype)))
         in_range = (targets >= 0) & (targets < z.shape[-1])
         rows = torch.arange(z.shape[0], device=z.device)
-        dz.index_put_(
+        d_z.index_put_(
             (rows, torch.where(in_range, targets, 0)),
-            torch.where(in_range, grad_logp.to(z.dtype), 0.0),
+            torch.where(in_range, grad_logp.to(dtype), 0.0),
             accumulate=True,
         )
-    out.copy_(dz * inv_temperature)
-    return out
+    return out.copy_(d_z.mul_(inv_temperature))
