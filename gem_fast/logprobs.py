@@ -1,0 +1,135 @@
+"""Response log-probabilities of a causal LM, from its final hidden states and the fused kernels.
+
+The hidden state at position t predicts token t+1, so the log-prob of a response token at
+position t+1 is read from position t: targets are ``input_ids[:, 1:]`` where the response mask
+is set, ``ignore_index`` elsewhere (prompt and padding), and hidden states are taken at
+positions ``0 .. L-2``. Position ids come from the attention mask, so left- and
+right-padded batches give the same numbers. The ``[tokens, vocab]`` logits are never built:
+``hidden @ lm_head.weight.T`` is reduced inside :mod:`gem_fast.kernels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
+from gem_fast.kernels import fused_logprob_entropy
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PairLogprobs",
+    "output_layer",
+    "response_targets",
+    "response_hidden",
+    "sequence_logprobs",
+    "pair_logprobs",
+]
+
+IGNORE_INDEX = -100
+
+
+def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the model's LM head."""
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        # The kernels compute softmax(hidden @ W.T + b); a soft-capped head is another function.
+        raise ValueError("model: final_logit_softcapping is not supported by the fused kernels")
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def response_targets(batch: EncodedBatch, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[N, L-1] int64: the token each position 0..L-2 predicts, ``ignore_index`` off the response."""
+    return torch.where(batch.response_mask[:, 1:], batch.input_ids[:, 1:], ignore_index)
+
+
+def response_hidden(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor:
+    """[N, L-1, H] final (post-norm) hidden states at positions 0..L-2 of ``batch``."""
+    position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, :-1]
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    batch: EncodedBatch,
+    *,
+    length_normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """log π(response | prompt) per row, [N] float32 (nats): the sum over response tokens.
+
+    ``length_normalize=True`` divides by the number of response tokens (mean per token).
+    Differentiable w.r.t. the model's parameters when grad is enabled.
+    """
+    weight, bias = output_layer(model)
+    targets = response_targets(batch)
+    logp, _ = fused_logprob_entropy(
+        response_hidden(model, batch), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=backend
+    )
+    total = logp.sum(-1)
+    if length_normalize:
+        total = total / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return total
+
+
+@dataclass(frozen=True)
+class PairLogprobs:
+    """Summed response log-probs (float32 [n], nats) and response lengths (int64 [n]) of n pairs."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def values(self, *, length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen, rejected)`` log-probs, summed or per response token."""
+        if not length_normalize:
+            return self.chosen, self.rejected
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
+    def select(self, index: torch.Tensor) -> "PairLogprobs":
+        """The pairs at ``index`` (int64 [m]), e.g. a training batch's rows of a cached table."""
+        return PairLogprobs(
+            self.chosen[index], self.rejected[index], self.chosen_tokens[index], self.rejected_tokens[index]
+        )
+
+
+@torch.no_grad()
+def pair_logprobs(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    pairs: Sequence[PreferencePair],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    chat_template: bool = False,
+    backend: str = "auto",
+) -> PairLogprobs:
+    """log π(chosen | prompt) and log π(rejected | prompt) of every pair, on the CPU.
+
+    Runs without gradients in batches of ``batch_size`` pairs (chosen and rejected share one
+    forward); used for evaluation and to compute a reference model's log-probs once.
+    """
+    if not pairs:
+        raise ValueError("pairs is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = encode_pairs(tokenizer, chunk, max_length=max_length, chat_template=chat_template).to(device)
+        sums.append(sequence_logprobs(model, batch, backend=backend).cpu())
+        counts.append(batch.response_mask[:, 1:].sum(-1).cpu())
+    # Each chunk holds its chosen rows first, then its rejected rows (encode_pairs).
+    rejected = torch.cat([torch.arange(len(s)) >= len(s) // 2 for s in sums])
+    total, length = torch.cat(sums), torch.cat(counts)
+    return PairLogprobs(total[~rejected], total[rejected], length[~rejected], length[rejected])

