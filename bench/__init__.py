@@ -1,0 +1,1 @@
+"""Benchmarks of gem_fast: kernels (``python -m bench.kernels``) and sampling."""

@@ -1,0 +1,193 @@
+"""Timing, peak-memory and environment helpers shared by the benchmark scripts.
+
+Times are wall-clock on the CPU and CUDA-event times on a GPU. Peak memory is what a call
+allocates beyond what existed when it started: ``torch.cuda.max_memory_allocated`` on a GPU,
+and on the CPU the resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) after ``malloc_trim`` has handed freed heap pages back, so a call
+cannot hide its peak in pages an earlier call left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class RepeatPolicy:
+    """How many times to run a measured call: ``warmup`` untimed runs, then timed runs until
+    at least ``min_reps`` are done and ``budget_s`` seconds are spent, at most ``max_reps``."""
+
+    warmup: int
+    min_reps: int
+    max_reps: int
+    budget_s: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float
+    peak_bytes: int | None  # beyond what was allocated when the call started
+
+
+def _libc_malloc_trim() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return lambda: None
+    return lambda: libc.malloc_trim(0)
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak bytes a call allocates beyond the state at :meth:`start`, on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "rss-high-water"
+        self._base = 0
+        if device.type != "cuda" and not self._can_reset_rss_peak():
+            self.method = "unavailable"
+
+    @staticmethod
+    def _can_reset_rss_peak() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.method != "unavailable":
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self._base = _status_bytes("VmRSS")
+
+    def peak(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self._base
+        if self.method == "unavailable":
+            return None
+        return _status_bytes("VmHWM") - self._base
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    policy: RepeatPolicy,
+    before_each: Callable[[], None] = lambda: None,
+) -> list[Sample]:
+    """Run ``fn`` per ``policy``; each timed run records its time and its peak memory.
+
+    ``before_each`` runs untimed and outside the memory window (e.g. to drop gradients).
+    """
+    meter = PeakMemory(device)
+    for _ in range(policy.warmup):
+        before_each()
+        fn()
+    samples: list[Sample] = []
+    spent = 0.0
+    while len(samples) < policy.max_reps and (len(samples) < policy.min_reps or spent < policy.budget_s):
+        before_each()
+        meter.start()
+        seconds = _timed(fn, device)
+        samples.append(Sample(seconds, meter.peak()))
+        spent += seconds
+    return samples
+
+
+def median_seconds(samples: list[Sample]) -> float:
+    return statistics.median(s.seconds for s in samples)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model() or platform.processor() or "cpu"
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name for a device's results: ``cpu``, or the GPU's name, e.g. ``nvidia-h100-80gb-hbm3``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a reader needs to reproduce or discount a run: device, versions, threads, load."""
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    else:
+        env["loadavg"] = list(os.getloadavg())
+    return env

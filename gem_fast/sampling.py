@@ -1,0 +1,458 @@
+"""Group sampler: k candidates per prompt, each prompt prefilled once and its KV cache reused by all k.
+
+Two ways to reuse the prompt's KV cache (``strategy``):
+
+* ``"shared_prefix"``: the prompt K/V is kept once per prompt; during decoding every attention
+  layer is routed (through transformers' ``AttentionInterface``) to
+  :func:`gem_fast.prefix_attention.shared_prefix_attention`, which attends to the prompt part
+  from all k samples in one GEMM and merges it with each sample's own generated part by
+  log-sum-exp. Prompt KV memory is independent of k.
+* ``"expand"``: the prefilled ``DynamicCache`` is repeated k times along the batch
+  (``batch_repeat_interleave``) and decoding is plain ``model(...)`` calls. Works for any cache-
+  based causal LM (sliding-window and hybrid layers included); prompt KV memory is k times larger.
+
+``"auto"`` takes ``shared_prefix`` when the model's attention dispatches through
+``AttentionInterface`` and all layers are full attention, else ``expand``; the choice is logged
+and returned in :attr:`GroupSample.strategy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from gem_fast.kernels import entropy_from_logits
+from gem_fast.prefix_attention import shared_prefix_attention
+
+try:  # transformers >= 4.48
+    from transformers.modeling_utils import AttentionInterface
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    AttentionInterface = None
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "shared_prefix", "expand")
+_ATTN_NAME = "gem_fast_shared_prefix"
+
+
+@dataclass
+class GroupSample:
+    """Result of :func:`sample_group`; rows are prompt-major (row ``b*k + j`` is candidate j of prompt b).
+
+    sequences      [B*k, T] int64: generated tokens only; after EOS (and for T beyond a row's end) ``pad_token_id``.
+    token_entropy  [B*k, T] float32: entropy (nats) of softmax(logits / temperature) at each step, before
+                   top-p (temperature 0: of softmax(logits)); 0 where ``mask`` is False.
+    mask           [B*k, T] bool: valid generated tokens, up to and including EOS.
+    strategy       the KV-reuse path that ran: ``"shared_prefix"`` or ``"expand"``.
+    forward_tokens tokens that went through the model: B*P (prefill) + one per active row per decode step.
+    prompt_kv_bytes bytes of prompt K/V held during decoding (k-independent with ``shared_prefix``).
+    T is the number of steps run: ``max_new_tokens``, or fewer when every row hit EOS earlier.
+    """
+
+    sequences: torch.Tensor
+    token_entropy: torch.Tensor
+    mask: torch.Tensor
+    strategy: str
+    forward_tokens: int
+    prompt_kv_bytes: int
+
+
+def sample_group(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int | None = None,
+    strategy: str = "auto",
+    progress: bool | None = None,
+) -> GroupSample:
+    """Sample k continuations for each of B left-padded prompts, prefilling each prompt once.
+
+    input_ids [B, P] int, attention_mask [B, P] (1 real token, 0 left padding; None: no padding).
+    ``temperature`` 0 is greedy (argmax); otherwise tokens are drawn from softmax(logits / temperature)
+    restricted to the smallest set of most probable tokens whose mass reaches ``top_p``, with
+    ``generator`` (on the model's device) for reproducibility. A row stops at any of
+    ``eos_token_id`` (None: every row runs ``max_new_tokens``). ``pad_token_id`` fills positions after
+    EOS (default: the first EOS id, else 0). ``progress``: tqdm bar over steps (None: only on a TTY).
+    Runs under ``torch.no_grad()``; an FSDP2-wrapped model is all-gathered once for the whole call.
+    """
+    eos_ids = _check_args(model, input_ids, attention_mask, k, max_new_tokens, temperature, top_p, eos_token_id)
+    device = model.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: on {generator.device}, the model is on {device}")
+    input_ids = input_ids.to(device)
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device)
+    strategy = _choose_strategy(model, strategy)
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    logits_kwargs = _last_logits_kwargs(model)
+    batch, prompt_len = input_ids.shape
+    n = batch * k
+
+    with torch.no_grad(), _fsdp_gathered(model):
+        # Positions count real tokens only, as in HF generate, so left padding does not shift RoPE.
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attention_mask == 0, 1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_new_cache(model),
+            use_cache=True,
+            **logits_kwargs,
+        )
+        decoder_cls = _SharedPrefixDecoder if strategy == "shared_prefix" else _ExpandDecoder
+        decoder = decoder_cls(model, out.past_key_values, attention_mask, k, logits_kwargs)
+        logits = out.logits[:, -1]  # [B, V]: the k candidates of a prompt share the first step
+        del out
+        next_position = attention_mask.sum(-1).repeat_interleave(k)  # [N] position of generated token 0
+
+        sequences = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        token_entropy = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+        mask = torch.zeros((n, max_new_tokens), dtype=torch.bool, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        rows = torch.arange(n, device=device)  # rows still being decoded, ascending
+        forward_tokens = batch * prompt_len
+        steps = 0
+        bar = tqdm(total=max_new_tokens, desc="sample_group", unit="step", disable=_progress_disabled(progress))
+        try:
+            for step in range(max_new_tokens):
+                tokens, entropy = _next_tokens(logits, temperature, top_p, generator, repeats=k if step == 0 else 1)
+                alive = ~finished[rows]
+                tokens = torch.where(alive, tokens, pad_token_id)
+                sequences[rows, step] = tokens
+                token_entropy[rows, step] = torch.where(alive, entropy, 0.0)
+                mask[rows, step] = alive
+                steps = step + 1
+                bar.update(1)
+                if step == max_new_tokens - 1:
+                    break
+                if eos_ids:
+                    finished[rows] = ~alive | torch.isin(tokens, eos)
+                    keep = decoder.keep(~finished[rows])
+                    # The one host sync per step: stop when every row is done, else drop finished work.
+                    n_keep = int(keep.sum())
+                    if n_keep == 0:
+                        break
+                    if n_keep < rows.numel():
+                        kept = keep.nonzero().squeeze(1)
+                        decoder.select(kept)
+                        rows, tokens = rows[kept], tokens[kept]
+                        bar.set_postfix(active=n_keep)
+                logits = decoder.step(tokens, next_position[rows] + step)
+                forward_tokens += rows.numel()
+        finally:
+            bar.close()
+
+    return GroupSample(
+        sequences=sequences[:, :steps],
+        token_entropy=token_entropy[:, :steps],
+        mask=mask[:, :steps],
+        strategy=strategy,
+        forward_tokens=forward_tokens,
+        prompt_kv_bytes=decoder.prompt_kv_bytes,
+    )
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None, repeats: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [M, V] -> (tokens [M*repeats] int64, entropy [M*repeats] float32 of softmax(logits / T) before top-p).
+
+    Row i of ``logits`` is the distribution of rows i*repeats .. (i+1)*repeats-1: entropy and the top-p
+    nucleus are computed once per distinct row, the draws are independent per output row.
+    """
+    entropy = entropy_from_logits(logits, temperature=temperature if temperature > 0 else 1.0)
+    entropy = entropy.repeat_interleave(repeats)
+    if temperature == 0:
+        return logits.argmax(-1).repeat_interleave(repeats), entropy
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        probs = torch.softmax(scores, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass strictly before it is below top_p: the most probable token always stays.
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted), float("-inf"))
+    scores = scores.repeat_interleave(repeats, dim=0)
+    # Gumbel-max (argmax of scores - log Exp(1) noise) is an exact draw from softmax(scores) and, unlike
+    # torch.multinomial, costs a few elementwise passes per row.
+    noise = torch.empty_like(scores).exponential_(generator=generator)
+    return (scores - noise.log()).argmax(-1), entropy
+
+
+class _ExpandDecoder:
+    """Prompt cache repeated k times along the batch; finished rows are dropped one by one."""
+
+    def __init__(self, model, cache, attention_mask: torch.Tensor, k: int, logits_kwargs: dict):
+        cache.batch_repeat_interleave(k)
+        self.model, self.cache, self.logits_kwargs = model, cache, logits_kwargs
+        self.attention_mask = attention_mask.repeat_interleave(k, dim=0)  # [N, P + generated so far]
+        self.prompt_kv_bytes = sum(t.numel() * t.element_size() for pair in _cache_kv(cache) for t in pair)
+
+    def keep(self, alive: torch.Tensor) -> torch.Tensor:
+        return alive
+
+    def select(self, kept: torch.Tensor) -> None:
+        self.cache.batch_select_indices(kept)
+        self.attention_mask = self.attention_mask[kept]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ones = self.attention_mask.new_ones(tokens.shape[0], 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention_mask,
+            position_ids=positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            **self.logits_kwargs,
+        )
+        return out.logits[:, -1]
+
+
+_ACTIVE_DECODER: contextvars.ContextVar[_SharedPrefixDecoder | None] = contextvars.ContextVar(
+    "gem_fast_shared_prefix_decoder", default=None
+)
+
+
+class _SharedPrefixDecoder:
+    """Prompt K/V kept once per prompt; decode steps attend to it through :func:`shared_prefix_attention`.
+
+    Groups stay whole (all k rows of a prompt) so the prefix GEMM keeps k query rows per prompt;
+    a prompt leaves the batch when all its k candidates have finished.
+    """
+
+    def __init__(self, model, cache, attention_mask: torch.Tensor, k: int, logits_kwargs: dict):
+        kv = _cache_kv(cache)
+        self.prefix_keys = [key for key, _ in kv]  # per layer [B, Hkv, P, D]
+        self.prefix_values = [value for _, value in kv]
+        self.prefix_mask = attention_mask.bool()  # [B, P]
+        self.prompt_kv_bytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        self.suffix = _new_cache(model)
+        self.model, self.k, self.logits_kwargs = model, k, logits_kwargs
+        self.calls = 0
+
+    def keep(self, alive: torch.Tensor) -> torch.Tensor:
+        return alive.view(-1, self.k).any(dim=1).repeat_interleave(self.k)
+
+    def select(self, kept: torch.Tensor) -> None:
+        groups = kept[:: self.k] // self.k  # kept rows are whole groups of k, in order
+        self.prefix_keys = [t[groups] for t in self.prefix_keys]
+        self.prefix_values = [t[groups] for t in self.prefix_values]
+        self.prefix_mask = self.prefix_mask[groups]
+        self.suffix.batch_select_indices(kept)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.calls = 0
+        with _attention_routed_to(self):
+            out = self.model(
+                input_ids=tokens[:, None],
+                position_ids=positions[:, None],
+                past_key_values=self.suffix,
+                use_cache=True,
+                **self.logits_kwargs,
+            )
+        if self.calls != len(self.prefix_keys):
+            raise RuntimeError(
+                f"shared_prefix: {self.calls} of {len(self.prefix_keys)} attention layers went through "
+                f"transformers' AttentionInterface for {type(self.model).__name__}; use strategy='expand'"
+            )
+        return out.logits[:, -1]
+
+    def attend(self, module: torch.nn.Module, query, key, value, scaling: float | None) -> torch.Tensor:
+        """HF attention-interface call for one layer: query [N, Hq, L, D], key/value = the suffix cache."""
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise RuntimeError(f"shared_prefix: attention module {type(module).__name__} has no layer_idx")
+        self.calls += 1
+        out = shared_prefix_attention(
+            query,
+            self.prefix_keys[layer],
+            self.prefix_values[layer],
+            key,
+            value,
+            prefix_mask=self.prefix_mask,
+            scale=scaling,
+        )
+        return out.transpose(1, 2).contiguous()  # HF attention functions return [N, L, Hq, D]
+
+
+def _shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Entry registered in transformers' AttentionInterface; the mask is ignored (prefix mask lives in the decoder)."""
+    decoder = _ACTIVE_DECODER.get()
+    if decoder is None:
+        raise RuntimeError(f"attn_implementation {_ATTN_NAME!r} is only valid inside gem_fast.sampling.sample_group")
+    return decoder.attend(module, query, key, value, scaling), None
+
+
+@contextlib.contextmanager
+def _attention_routed_to(decoder: _SharedPrefixDecoder) -> Iterator[None]:
+    """Temporarily switch the model's attention to the shared-prefix function bound to ``decoder``."""
+    config = decoder.model.config
+    previous = config._attn_implementation
+    token = _ACTIVE_DECODER.set(decoder)
+    config._attn_implementation = _ATTN_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _ACTIVE_DECODER.reset(token)
+
+
+def _shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the shared-prefix path cannot run on ``model`` (None when it can)."""
+    if AttentionInterface is None:
+        return "this transformers has no AttentionInterface"
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        return f"layer types {sorted(set(layer_types))} are not all full attention"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    # Modeling files that dispatch attention through the interface import ALL_ATTENTION_FUNCTIONS.
+    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
+    if not any(hasattr(m, "ALL_ATTENTION_FUNCTIONS") for m in modules if m is not None):
+        return f"{type(model).__name__} does not dispatch attention through AttentionInterface"
+    return None
+
+
+def _choose_strategy(model: torch.nn.Module, strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    reason = None if strategy == "expand" else _shared_prefix_unsupported(model)
+    if strategy == "shared_prefix" and reason:
+        raise ValueError(f"strategy: 'shared_prefix' is not available: {reason}")
+    chosen = "expand" if strategy == "expand" or reason else "shared_prefix"
+    if chosen == "shared_prefix" and _ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_ATTN_NAME, _shared_prefix_attention_forward)
+    logger.info("sample_group: KV reuse strategy=%s%s", chosen, f" ({reason})" if reason else "")
+    return chosen
+
+
+def _cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) [B, Hkv, P, D] of a DynamicCache, across transformers cache layouts."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):  # transformers 4.4x-4.55
+        return list(zip(cache.key_cache, cache.value_cache))
+    raise TypeError(f"sample_group needs a transformers DynamicCache from the model, got {type(cache).__name__}")
+
+
+def _new_cache(model: torch.nn.Module) -> DynamicCache:
+    # Newer DynamicCache builds per-layer types (e.g. sliding windows) from the config.
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model.config)
+    return DynamicCache()
+
+
+def _last_logits_kwargs(model: torch.nn.Module) -> dict:
+    """Ask the model for the last position's logits only (prefill would otherwise build [B, P, V])."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    logger.info("sample_group: %s.forward cannot restrict logits; prefill computes all", type(model).__name__)
+    return {}
+
+
+@contextlib.contextmanager
+def _fsdp_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """All-gather FSDP2 parameters once and keep them gathered for every forward inside the block."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        yield
+        return
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules:
+        yield
+        return
+    # FSDP2 has no public getter for reshard_after_forward; save its per-group setting to restore it.
+    saved = []
+    for module in fsdp_modules:
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.7: at most one group per module
+            groups = [g for g in [state._fsdp_param_group] if g is not None]
+        auto = getattr(state, "_auto_reshard_after_forward", None)
+        saved.append((state, auto, [(g, g.post_forward_mesh_info) for g in groups]))
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    logger.info("sample_group: FSDP2 parameters of %d modules gathered for the sampling phase", len(fsdp_modules))
+    try:
+        yield
+    finally:
+        for module, (state, auto, groups) in zip(fsdp_modules, saved):
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+            module.reshard()
+
+
+def _progress_disabled(progress: bool | None) -> bool | None:
+    # tqdm reads disable=None as "off unless stderr is a TTY".
+    return None if progress is None else not progress
+
+
+def _check_args(model, input_ids, attention_mask, k, max_new_tokens, temperature, top_p, eos_token_id) -> list[int]:
+    """Validate ``sample_group`` arguments; returns the EOS ids as a list. Raises ValueError naming the argument."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError("input_ids: expected an integer tensor [B, P]")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: empty batch or empty prompt, shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
+        m = attention_mask.long()
+        if ((m != 0) & (m != 1)).any():
+            raise ValueError("attention_mask: values must be 0 or 1")
+        if (m[:, 1:] < m[:, :-1]).any():
+            raise ValueError("attention_mask: prompts must be left-padded (no 0 after a 1)")
+        empty = (m.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"input_ids: prompts {empty} are empty (attention_mask all 0)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: must be an int >= 1, got {k!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p!r}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("model: encoder-decoder models are not supported, expected a causal LM")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None:
+        longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+        if longest > context:
+            raise ValueError(f"input_ids: prompt of {longest} tokens exceeds the model's context of {context}")
+        if longest + max_new_tokens > context:
+            raise ValueError(
+                f"max_new_tokens: {longest} prompt + {max_new_tokens} new tokens exceed "
+                f"the model's context of {context}"
+            )
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    vocab = model.config.vocab_size
+    if not all(isinstance(e, int) and 0 <= e < vocab for e in eos_ids):
+        raise ValueError(f"eos_token_id: expected ids in [0, {vocab}), got {eos_token_id!r}")
+    return eos_ids
