@@ -1,0 +1,230 @@
+"""Training engine on a tiny Llama (CPU): FSDP2 over 2 gloo processes equals one process; fused loss equals naive."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from tiny_lm import char_tokenizer, tiny_model
+
+from gem_fast.data import load_preference_jsonl
+from gem_fast.logprobs import response_targets
+from gem_fast.models import load_model_and_tokenizer
+from gem_fast.train import (
+    PolicyLoss, TrainConfig, _Dist, lr_factor, main, parallelize, parse_config, sft_micro_batches, train,
+)
+
+CPU_ONE = _Dist(0, 1, torch.device("cpu"), False)
+
+# fp32 on CPU; the sharded run only changes reduction order (all-gather, reduce-scatter, chunked kernel).
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+# After Adam steps: Adam divides by sqrt(v), so a coordinate whose gradient is ~0 turns a 1e-7
+# gradient difference into up to ~1e-3 of its lr-sized update; lr is 3e-3 in these runs.
+WEIGHT_TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny-model ops are far faster on one intra-op thread on a shared 2-core machine; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_run_inputs(root: Path, n_pairs: int = 16) -> tuple[Path, Path]:
+    """A tiny Llama + char tokenizer saved as an HF folder, and a JSONL of ``n_pairs`` arithmetic pairs."""
+    tokenizer = char_tokenizer()
+    model_dir = root / "tiny"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(
+        json.dumps({"prompt": f"Q{i}: {i}+{3 * i}=", "chosen": f"{4 * i} since {i}+{3 * i}",
+                    "rejected": f"{4 * i + 1}"}) + "\n"
+        for i in range(n_pairs)
+    ))
+    return model_dir, data
+
+
+def run_config(model_dir: Path, data: Path, out_dir: Path, **overrides) -> TrainConfig:
+    base = dict(train_jsonl=str(data), out_dir=str(out_dir), model_name_or_path=str(model_dir), lr=3e-3,
+                warmup_steps=1, max_steps=3, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _named_grads(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full gradients (gathered from FSDP shards) by parameter name, activation-checkpoint wrappers unnamed."""
+    return {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        for n, p in policy.named_parameters()
+    }
+
+
+def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        # One micro-step of step 0, by hand, to read the gradients before the optimizer uses them.
+        cfg = run_config(model_dir, data, root / "sharded", batch_size=2)
+        model, tokenizer = load_model_and_tokenizer(str(model_dir))
+        total_numel = sum(p.numel() for p in model.parameters())
+        # Activation checkpointing on here; train() below runs without it: both paths meet the reference.
+        policy = parallelize(PolicyLoss(model.train(), backend="torch"), activation_checkpointing=True, sharded=True,
+                             device=torch.device("cpu"))
+        local_numel = sum(p.to_local().numel() for p in policy.parameters())
+        d = _Dist(rank, world, torch.device("cpu"), True)
+        (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, d)
+        loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
+        loss.backward()
+        grads = _named_grads(policy)
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        result = train(cfg)  # the full engine: 3 steps, then the HF export
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": grads, "total_numel": total_numel, "losses": result.losses},
+                       root / "rank0.pt")
+        # Each rank also reports its own parameter share.
+        torch.save(local_numel, root / f"numel_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Inputs, plus the 2-rank gloo run's step-0 loss/grads, training losses and export."""
+    root = tmp_path_factory.mktemp("fsdp")
+    model_dir, data = write_run_inputs(root)
+    mp.spawn(_worker, args=(2, _free_port(), model_dir, data, root), nprocs=2, join=True)
+    return model_dir, data, root, torch.load(root / "rank0.pt")
+
+
+def _naive_step0(model_dir: Path, data: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step 0's global batch (4 rows) on the unwrapped model with full [N, L, V] logits and autograd."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    cfg = run_config(model_dir, data, Path("unused"), batch_size=4)
+    (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, CPU_ONE)
+    batch = mb.batch
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model.train()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+    ).logits
+    targets = response_targets(batch)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    valid = targets != -100
+    loss = -(logp * valid).sum() / valid.sum()
+    loss.backward()
+    # PolicyLoss names parameters "model.<hf name>"; the tied lm_head is the embedding.
+    return loss.detach(), {f"model.{n}": p.grad for n, p in model.named_parameters()}
+
+
+def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
+    model_dir, data, root, rank0 = two_process_run
+    naive_loss, naive_grads = _naive_step0(model_dir, data)
+    # (3) the fused loss inside the FSDP root forward equals the full-logits loss of the plain model
+    print("step-0 loss |FSDP fused - naive|:", (rank0["loss"] - naive_loss).abs().item(),
+          "max grad |diff|:", max((rank0["grads"][n] - g).abs().max().item() for n, g in naive_grads.items()))
+    torch.testing.assert_close(rank0["loss"], naive_loss, **LOSS_TOL)
+    # (1) gradients after FSDP's reduce-scatter equal the single-process gradients
+    assert rank0["grads"].keys() == naive_grads.keys()
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(rank0["grads"][name], grad, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+    # each rank holds about half of the parameters (dim-0 shards, rounded up per tensor)
+    shares = [torch.load(root / f"numel_rank{r}.pt") for r in range(2)]
+    assert sum(shares) == rank0["total_numel"]
+    assert all(abs(s / rank0["total_numel"] - 0.5) < 0.05 for s in shares)
+
+
+def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):
+    model_dir, data, root, rank0 = two_process_run
+    single = train(run_config(model_dir, data, tmp_path / "single", batch_size=4))
+    gap = (torch.tensor(rank0["losses"]) - torch.tensor(single.losses)).abs().max().item()
+    print("2-rank vs 1-process loss max |diff|:", gap)
+    torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(single.losses), **LOSS_TOL)
+    sharded_w = load_file(root / "sharded" / "model.safetensors")
+    single_w = load_file(tmp_path / "single" / "model.safetensors")
+    assert sharded_w.keys() == single_w.keys()
+    for name in single_w:
+        torch.testing.assert_close(sharded_w[name], single_w[name], **WEIGHT_TOL, msg=lambda m: f"{name}: {m}")
+    # the export reloads as a plain HF model
+    reloaded, _ = load_model_and_tokenizer(str(root / "sharded"))
+    assert isinstance(reloaded, type(tiny_model(char_tokenizer())))
+
+
+def test_activation_checkpointing_keeps_loss_and_grads(tmp_path):
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    cfg = run_config(model_dir, data, tmp_path, batch_size=4)
+    results = []
+    for ac in (False, True):
+        model, tokenizer = load_model_and_tokenizer(str(model_dir))
+        policy = parallelize(PolicyLoss(model.train(), backend="torch"), activation_checkpointing=ac, sharded=False,
+                             device=torch.device("cpu"))
+        (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, CPU_ONE)
+        loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
+        loss.backward()
+        results.append((loss.detach(), _named_grads(policy)))
+    (loss_plain, grads_plain), (loss_ac, grads_ac) = results
+    torch.testing.assert_close(loss_ac, loss_plain, rtol=0, atol=0)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ac[name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedule_warmup_then_decay():
+    kw = dict(warmup=2, total=10, min_ratio=0.1)
+    assert [lr_factor(s, decay="cosine", **kw) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(10, decay="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(6, decay="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(6, decay="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(9, decay="constant", **kw) == 1.0
+
+
+def test_script_flags_override_yaml(tmp_path):
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"train_jsonl: {data}\nmodel_name_or_path: {model_dir}\nlr: 1e-3\nbatch_size: 2\n"
+                      "k: 3\nreward_mapping: identity\ngen_max_new_tokens: 4\n")
+    out = tmp_path / "out"
+    flags = ["--out_dir", str(out), "--lr", "2e-3", "--max_steps", "1", "--export_hf", "false", "--progress", "false"]
+    code = main(["--config", str(config), *flags], objective="sega", description="test")
+    assert code == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    chosen = (saved["lr"], saved["batch_size"], saved["k"], saved["objective"], saved["export_hf"])
+    assert chosen == (2e-3, 2, 3, "sega", False)
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["step"] == 1 and {"score_mean", "adv_abs_mean", "entropy_mean"} <= record.keys()
+    # SEGA knobs are not SFT flags, in YAML or on the command line
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(config)], objective="sft", description="test")
+    with pytest.raises(SystemExit):
+        parse_config(["--k", "2"], objective="sft", description="test")
+
+
+@pytest.mark.parametrize("objective, beta, first_loss", [("dpo", 0.1, math.log(2.0)), ("ipo", 0.5, 1.0)])
+def test_preference_objectives_start_at_the_reference(tmp_path, objective, beta, first_loss):
+    """At step 1 the policy is its reference: margin 0, so DPO gives log 2 and IPO (1/(2β))²;
+    a reference log-prob looked up for the wrong pair would move the first loss far off."""
+    model_dir, data = write_run_inputs(tmp_path)
+    cfg = run_config(model_dir, data, tmp_path / "out", objective=objective, beta=beta, batch_size=2, grad_accum=2,
+                     export_hf=False, lr=3e-4, max_steps=2)
+    result = train(cfg)
+    assert result.losses[0] == pytest.approx(first_loss, abs=1e-5)
+    assert result.losses[-1] < result.losses[0]
+    parsed = parse_config(["--objective", objective, "--beta", str(beta)], objective="sft", description="t")
+    assert (parsed.objective, parsed.beta) == (objective, beta)
