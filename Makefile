@@ -17,4 +17,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py --out_dir outputs/demo-$$(date +%Y%m%d-%H%M%S)
