@@ -70,7 +70,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors and plain Python values, so that loading works with weights_only=True:
+    # numpy's MT19937 key array travels as a tensor.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,7 +86,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -140,7 +148,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     # The RNG pickle holds python/numpy tuples, not only tensors.
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    _set_rng_state(torch.load(rng_file, weights_only=True))
     logger.info("resumed from %s", path)
     return json.loads((path / "trainer_state.json").read_text())
 
