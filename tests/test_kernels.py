@@ -109,6 +109,22 @@ def test_ignored_rows_pass_no_gradient(backend):
     assert torch.all(flat[ignored] == 0) and torch.all(flat[~ignored].abs().sum(-1) > 0)
 
 
+@pytest.mark.parametrize("op", ["logprob_entropy", "weighted_loss"])
+def test_ignored_rows_skip_the_logit_gemm(monkeypatch, op):
+    hidden, weight, bias, targets = make_inputs("basic")
+    gemm_rows = []
+    block_logits = chunked._block_logits
+    monkeypatch.setattr(chunked, "_block_logits", lambda h, w, b: gemm_rows.append(h.shape[0]) or block_logits(h, w, b))
+    if op == "logprob_entropy":
+        logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend="torch")
+        (logp + entropy).sum().backward()
+        passes = 2  # the backward recomputes the logits
+    else:
+        weighted_logprob_loss(hidden, weight, targets, torch.ones(targets.shape), bias=bias, backend="torch").backward()
+        passes = 1
+    assert sum(gemm_rows) == passes * int((targets != -100).sum())
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bf16_error_no_worse_than_plain_bf16_torch(backend):
     hidden, weight, bias, targets = make_inputs("basic", dtype=torch.bfloat16)

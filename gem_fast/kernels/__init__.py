@@ -7,7 +7,9 @@ in float32 whatever the input dtype.
 Backends: ``naive`` materialises the ``[N, V]`` logits (the reference); ``torch`` chunks tokens
 so only a ``[chunk, V]`` block exists at a time; ``triton`` does the same with the vocab-wide
 reductions and the logit gradient in Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-``auto`` picks ``triton`` on CUDA and ``torch`` elsewhere, and logs the choice once.
+``auto`` picks ``triton`` on CUDA and ``torch`` elsewhere, and logs the choice once. The fused
+backends drop rows whose target is ``ignore_index`` before any GEMM (prompt tokens are often
+most of a batch), at the price of one host sync per call.
 """
 
 from __future__ import annotations
@@ -134,6 +136,27 @@ def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int
         )
 
 
+def _valid_rows(flat_targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices [n_valid] int64 of the rows worth computing, or None when that is every row.
+
+    An ignored row (prompt, padding) would cost a full logit GEMM for an output of 0, so such
+    rows are dropped before the kernels; finding them is one host sync per call.
+    """
+    rows = (flat_targets != ignore_index).nonzero().squeeze(1)
+    return None if rows.numel() == flat_targets.numel() else rows
+
+
+def _take_rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Per-row values of the computed rows back to ``shape``, zeros on ignored rows (differentiable)."""
+    if rows is None:
+        return values.view(shape)
+    return values.new_zeros(shape.numel()).index_copy(0, rows, values).view(shape)
+
+
 def _check_token_weights(name: str, weights: torch.Tensor, targets: torch.Tensor) -> None:
     _check_float(name, weights)
     if tuple(weights.shape) != tuple(targets.shape):
@@ -162,11 +185,13 @@ def fused_logprob_entropy(
     )
     if backend == "naive":
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
-    else:
-        logp, entropy = _LinearLogprobEntropy.apply(
-            flat_hidden, weight, bias, flat_targets, temperature, ignore_index, _row_ops(backend)
-        )
-    return logp.view(targets.shape), entropy.view(targets.shape)
+        return logp.view(targets.shape), entropy.view(targets.shape)
+    rows = _valid_rows(flat_targets, ignore_index)
+    logp, entropy = _LinearLogprobEntropy.apply(
+        _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows), temperature, ignore_index,
+        _row_ops(backend),
+    )
+    return _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape)
 
 
 def weighted_logprob_loss(
@@ -201,8 +226,10 @@ def weighted_logprob_loss(
         return -(w.float() * logp).sum() - (e.float() * entropy).sum()
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    rows = _valid_rows(flat_targets, ignore_index)
     return _WeightedLogprobLoss.apply(
-        flat_hidden, weight, bias, flat_targets, w, e, temperature, ignore_index, _row_ops(backend), needs
+        _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows),
+        _take_rows(w, rows), _take_rows(e, rows), temperature, ignore_index, _row_ops(backend), needs,
     )
 
 
