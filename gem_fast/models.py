@@ -1,10 +1,16 @@
-"""Model and tokenizer loading: the embedded SmolLM2 GGUF, local HF folders, .gguf files, tiny test models."""
+"""Model and tokenizer loading: the embedded SmolLM2 GGUF, local HF folders, .gguf files, tiny test models;
+Liger-Kernel's RMSNorm, RoPE and SwiGLU layers patched into a loaded Llama-family model."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -34,15 +40,41 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
+def embedded_model_dir() -> Path:
+    """HF folder (float32 safetensors + tokenizer) of the embedded GGUF, converted on first use.
+
+    Dequantising the GGUF and converting its tokenizer take about 40 s on 2 CPU cores, the
+    folder loads in about 1 s. It lives under ``$GEM_FAST_CACHE`` (default ``~/.cache/gem_fast``),
+    named after the GGUF's size and mtime, and appears atomically (written aside, then renamed).
+    """
+    gguf = default_gguf_path()
+    stat = gguf.stat()
+    root = Path(os.environ.get("GEM_FAST_CACHE", Path.home() / ".cache" / "gem_fast"))
+    folder = root / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (folder / "config.json").is_file():
+        return folder
+    logger.info("converting the embedded %s to a Hugging Face folder %s (once)", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    partial = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    prepare_for_save(model).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process (a torchrun rank) renamed its copy first
+        shutil.rmtree(partial)
+    return folder
+
+
 def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
     """Map a user source to ``(from_pretrained first argument, extra kwargs)``.
 
-    None is the embedded GGUF; a path ending in .gguf is loaded from its folder with ``gguf_file``;
-    anything else (local HF folder or Hub id) is passed through.
+    None is the embedded model (its converted folder, see :func:`embedded_model_dir`); a path
+    ending in .gguf is loaded from its folder with ``gguf_file``; anything else (local HF folder
+    or Hub id) is passed through.
     """
     if name_or_path is None:
-        path = default_gguf_path()
-        return str(path.parent), {"gguf_file": path.name}
+        return str(embedded_model_dir()), {}
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -168,3 +200,106 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
+
+
+LIGER_PACKAGE = "liger_kernel"
+_ROPE_FUNCTION = "apply_rotary_pos_emb"
+
+
+def use_liger_layers(setting: Literal["auto", "on", "off"], device: str | torch.device, model_type: str) -> bool:
+    """Whether Liger's RMSNorm/RoPE/SwiGLU kernels replace the layers of a ``model_type`` model on ``device``.
+
+    "auto": on when ``device`` is CUDA, liger-kernel is installed and it can patch ``model_type``;
+    "on" raises ValueError naming what is missing. Liger's RMSNorm and SwiGLU kernels need CUDA
+    tensors: the Triton interpreter cannot run them (it passes float scalars as Python floats).
+    The choice and its reason are logged.
+    """
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"liger_layers: expected 'auto', 'on' or 'off', got {setting!r}")
+    missing = "turned off" if setting == "off" else _liger_missing(torch.device(device), model_type)
+    if missing and setting == "on":
+        raise ValueError(f"liger_layers='on': {missing}; use 'auto' or 'off'")
+    logger.info("Liger layers %s (liger_layers=%r%s)", "off" if missing else "on", setting,
+                f": {missing}" if missing else "")
+    return missing is None
+
+
+def _liger_missing(device: torch.device, model_type: str) -> str | None:
+    """Why Liger layers cannot run for ``model_type`` on ``device`` (None: they can)."""
+    if device.type != "cuda":
+        return f"its Triton kernels need CUDA, the device is {device.type}"
+    if importlib.util.find_spec(LIGER_PACKAGE) is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    try:
+        _liger_apply_function(model_type)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def liger_layer_names(model: PreTrainedModel) -> list[str]:
+    """What runs Liger code in ``model`` now: module names (RMSNorm, SwiGLU MLP), then the RoPE function.
+
+    RoPE is a function of the model's modeling module, not a module: it is listed as
+    ``<module>.apply_rotary_pos_emb`` when that module-wide function is Liger's.
+    """
+    names = [name for name, module in model.named_modules() if module._get_name().startswith("Liger")]
+    modeling = sys.modules[type(model).__module__]
+    rope = getattr(modeling, _ROPE_FUNCTION, None)
+    if rope is not None and getattr(rope, "__module__", "").startswith(LIGER_PACKAGE):
+        names.append(f"{modeling.__name__}.{_ROPE_FUNCTION}")
+    return names
+
+
+def _liger_apply_function(model_type: str) -> Callable[..., None]:
+    """Liger's ``apply_liger_kernel_to_<type>`` for ``model_type``, if it patches RMSNorm, RoPE and SwiGLU."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    wanted = {"rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "model"}
+    if apply_fn is None or not wanted <= inspect.signature(apply_fn).parameters.keys():
+        raise ValueError(f"model type {model_type!r}: Liger-Kernel has no RMSNorm/RoPE/SwiGLU patch for it")
+    return apply_fn
+
+
+def _expected_liger_modules(model: PreTrainedModel, *, rms_norm: bool, swiglu: bool) -> list[str]:
+    """The Llama-family modules a patch must reach: per decoder layer its two norms and MLP, and the final norm."""
+    prefix = model.base_model_prefix
+    layers = range(len(model.base_model.layers))
+    norms = [f"{prefix}.layers.{i}.{n}" for i in layers for n in ("input_layernorm", "post_attention_layernorm")]
+    return ([*norms, f"{prefix}.norm"] if rms_norm else []) + ([f"{prefix}.layers.{i}.mlp" for i in layers]
+                                                               if swiglu else [])
+
+
+def apply_liger_layers(
+    model: PreTrainedModel, *, rope: bool = True, rms_norm: bool = True, swiglu: bool = True
+) -> list[str]:
+    """Patch a loaded Llama-family ``model`` in place with Liger's RMSNorm, RoPE and SwiGLU; returns
+    :func:`liger_layer_names` (what now runs Liger code).
+
+    Liger's cross-entropy stays off (gem_fast's kernels compute the loss from the hidden states).
+    The norms and MLPs of this instance get Liger's ``forward``; RoPE is patched module-wide (every
+    model of this type in the process, Liger's only way), while the layer classes Liger would also
+    swap for models built later are put back. Raises ValueError for a model type Liger cannot patch,
+    and RuntimeError when a norm or MLP was left unpatched. Needs CUDA to run (see :func:`use_liger_layers`).
+    """
+    if importlib.util.find_spec(LIGER_PACKAGE) is None:
+        raise ValueError("apply_liger_layers: liger-kernel is not installed (pip install liger-kernel)")
+    apply_fn = _liger_apply_function(model.config.model_type)
+    modeling = sys.modules[type(model).__module__]
+    before = dict(vars(modeling))
+    apply_fn(rope=rope, rms_norm=rms_norm, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False,
+             model=model)
+    for name, value in before.items():
+        if name != _ROPE_FUNCTION and getattr(modeling, name) is not value:
+            setattr(modeling, name, value)
+    names = liger_layer_names(model)
+    if missing := sorted(set(_expected_liger_modules(model, rms_norm=rms_norm, swiglu=swiglu)) - set(names)):
+        raise RuntimeError(f"apply_liger_layers: Liger left {missing} unpatched")
+    if rope and f"{modeling.__name__}.{_ROPE_FUNCTION}" not in names:
+        raise RuntimeError(f"apply_liger_layers: {modeling.__name__}.{_ROPE_FUNCTION} is not Liger's RoPE")
+    kinds = [module._get_name() for module in model.modules() if module._get_name().startswith("Liger")]
+    logger.info("Liger layers applied to %s: %s; RoPE %s", type(model).__name__,
+                ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))),
+                "patched module-wide" if rope else "unchanged")
+    return names

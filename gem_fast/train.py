@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -50,13 +52,14 @@ from gem_fast.data import (EncodedBatch, PreferencePair, encode_pairs, encode_pr
                            join_prompt_and_generation, load_preference_jsonl)
 from gem_fast.kernels import resolve_backend, weighted_logprob_loss
 from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, output_layer, pair_logprobs, response_hidden, response_targets
-from gem_fast.models import load_model_and_tokenizer
+from gem_fast.models import apply_liger_layers, load_model_and_tokenizer, use_liger_layers
 from gem_fast.sampling import GroupSample, sample_group
 from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction
 from gem_fast.sega import pair_objective_loss, sega_advantages
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "PolicyLoss", "MicroBatch", "parallelize", "lr_factor",
-           "sft_micro_batches", "sega_micro_batches", "pair_micro_batches", "parse_config", "train", "main"]
+           "sft_micro_batches", "sega_micro_batches", "pair_micro_batches", "reference_logprobs", "parse_config",
+           "train", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     chat_template: bool = False
     kernel_backend: Literal["auto", "naive", "torch", "triton"] = "auto"
+    # Liger-Kernel RMSNorm/RoPE/SwiGLU in the decoder (never its cross-entropy); auto: on with CUDA and liger-kernel
+    liger_layers: Literal["auto", "on", "off"] = "auto"
+    compile_layers: bool = False  # torch.compile each decoder layer (after activation checkpointing, before FSDP)
     trust_remote_code: bool = False
     export_hf: bool = True
     progress: bool = True
@@ -179,6 +185,10 @@ class PolicyLoss(nn.Module):
         """:func:`gem_fast.sampling.sample_group` on the wrapped model; registered as an FSDP forward method."""
         return sample_group(self.model, input_ids, attention_mask, **kwargs)
 
+    def pair_logprobs(self, tokenizer: Any, pairs: list[PreferencePair], **kwargs: Any) -> PairLogprobs:
+        """:func:`gem_fast.logprobs.pair_logprobs` of the wrapped model (no grad); an FSDP forward method."""
+        return pair_logprobs(self.model, tokenizer, pairs, backend=self.backend, **kwargs)
+
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model.base_model, "layers", None)
@@ -188,9 +198,11 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def parallelize(
-    policy: PolicyLoss, *, activation_checkpointing: bool, sharded: bool, device: torch.device
+    policy: PolicyLoss, *, activation_checkpointing: bool, sharded: bool, device: torch.device,
+    compile_layers: bool = False,
 ) -> PolicyLoss:
-    """Per-layer activation checkpointing, then FSDP2 on every decoder layer and the root (if ``sharded``).
+    """Per-layer activation checkpointing, then torch.compile per layer, then FSDP2 on every decoder
+    layer and the root (if ``sharded``): torchtitan's order.
 
     Embeddings, final norm and LM head stay in the root unit, so tied input/output embeddings
     remain one parameter. Returns ``policy`` (modified in place).
@@ -199,6 +211,12 @@ def parallelize(
     if activation_checkpointing:
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
+    if compile_layers:
+        # In place (nn.Module.compile), not a torch.compile wrapper module: parameter names, hence
+        # checkpoints and the HF export, stay the eager model's. Layers share code, so one graph serves all.
+        for layer in layers:
+            layer.compile()
+        logger.info("torch.compile (inductor) on each of %d decoder layers; the first step compiles", len(layers))
     if not sharded:
         return policy.to(device)
     on_cuda = device.type == "cuda"
@@ -207,7 +225,8 @@ def parallelize(
         fully_shard(layer, mp_policy=mp)
     # The root's inputs include float32 loss weights: casting them to bf16 would round them.
     fully_shard(policy, mp_policy=MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False))
-    register_fsdp_forward_method(policy, "sample")
+    for method in ("sample", "pair_logprobs"):
+        register_fsdp_forward_method(policy, method)
     return policy
 
 
@@ -326,6 +345,50 @@ def sega_micro_batches(
     return micro, dict(zip(names, torch.stack(stats).mean(0)))
 
 
+def reference_logprobs(
+    policy: PolicyLoss, pairs: list[PreferencePair], tokenizer: Any, cfg: TrainConfig, d: _Dist, cache: Path
+) -> PairLogprobs:
+    """DPO/IPO π_ref log-probs of every pair from the policy's current (initial) weights, on CPU.
+
+    Rank r scores pairs r, r + world, ... on its device and the slices are all-gathered. The
+    table goes to ``cache`` (safetensors, written atomically by rank 0), which a later call with
+    the same data, model and tokenisation reads instead of scoring the file again (a resume).
+    """
+    key = {"train_jsonl": str(Path(cfg.train_jsonl).resolve()), "pairs": str(len(pairs)),
+           "model": str(cfg.model_name_or_path), "max_length": str(cfg.max_length),
+           "chat_template": str(cfg.chat_template)}
+    names = ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
+    if cache.is_file():
+        with safe_open(cache, "pt") as f:
+            if f.metadata() == key:
+                logger.info("reference log-probs read from %s", cache)
+                return PairLogprobs(*(f.get_tensor(n) for n in names))
+        logger.info("%s was computed for other data or settings; scoring the reference again", cache)
+    mine = pairs[d.rank :: d.world]
+    per_rank = math.ceil(len(pairs) / d.world)
+    # Every rank must run as many FSDP forwards as the others: pad the slice with a repeated pair.
+    mine = mine + [pairs[0]] * (per_rank - len(mine))
+    policy.eval()
+    local = policy.pair_logprobs(tokenizer, mine, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                 chat_template=cfg.chat_template)
+    policy.train()
+    columns = []
+    for name in names:
+        value = getattr(local, name).to(d.device)
+        if d.sharded:
+            parts = [torch.empty_like(value) for _ in range(d.world)]
+            dist.all_gather(parts, value)
+            value = torch.stack(parts, dim=1)  # [per_rank, world]: row j, column r is pair j·world + r
+        columns.append(value.reshape(-1)[: len(pairs)].cpu())
+    table = PairLogprobs(*columns)
+    if d.rank == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(cache.name + ".tmp")
+        save_file(dict(zip(names, columns)), partial, metadata=key)
+        os.replace(partial, cache)
+    return table
+
+
 def _init_dist() -> tuple[_Dist, bool]:
     """Process group from torchrun's environment (if any); returns it and whether this call created it."""
     cuda = torch.cuda.is_available()
@@ -427,16 +490,23 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
 
 def _build(model: nn.Module, cfg: TrainConfig, d: _Dist, global_batch: int, total_steps: int
            ) -> tuple[PolicyLoss, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Wrap and shard ``model``; AdamW on its fp32 (master) parameters; warmup + decay schedule."""
+    """Liger layers into ``model`` (per ``cfg.liger_layers``), then wrap, compile and shard it; AdamW on its
+    fp32 (master) parameters; warmup + decay schedule."""
     backend = resolve_backend(cfg.kernel_backend, d.device)
+    liger = use_liger_layers(cfg.liger_layers, d.device, model.config.model_type)
+    if liger:
+        apply_liger_layers(model)
     logger.info(
-        "rank %d/%d on %s, sharded=%s, kernel backend %s, attention %s, global batch %d, %d steps",
-        d.rank, d.world, d.device, d.sharded, backend, model.config._attn_implementation, global_batch, total_steps,
+        "rank %d/%d on %s, sharded=%s, kernel backend %s, attention %s, Liger layers %s, compiled layers %s, "
+        "global batch %d, %d steps", d.rank, d.world, d.device, d.sharded, backend,
+        model.config._attn_implementation, "on" if liger else "off", "on" if cfg.compile_layers else "off",
+        global_batch, total_steps,
     )
     policy = PolicyLoss(
         model, backend=backend, objective=cfg.objective, beta=cfg.beta, length_normalize=cfg.length_normalize
     )
-    parallelize(policy, activation_checkpointing=cfg.activation_checkpointing, sharded=d.sharded, device=d.device)
+    parallelize(policy, activation_checkpointing=cfg.activation_checkpointing, sharded=d.sharded, device=d.device,
+                compile_layers=cfg.compile_layers)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
@@ -475,14 +545,15 @@ def train(
             # A fresh run would interleave its checkpoints with the old run's; --resume picks the newest.
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume (resume=True) or another out_dir")
         model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        policy, optimizer, schedule = _build(model.train(), cfg, d, global_batch, total_steps)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not d.sharded
+                    else contextlib.nullcontext())
         reference = None
         if cfg.objective in ("dpo", "ipo"):
-            # The initial weights are the reference, also on resume (the checkpoint loads after this).
-            reference = pair_logprobs(
-                model.eval(), tokenizer, pairs, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                chat_template=cfg.chat_template, backend=cfg.kernel_backend,
-            )
-        policy, optimizer, schedule = _build(model.train(), cfg, d, global_batch, total_steps)
+            # The initial weights are the reference, also on resume: scored before the checkpoint loads.
+            with autocast:
+                reference = reference_logprobs(
+                    policy, pairs, tokenizer, cfg, d, out_dir / "reference_logprobs.safetensors")
         params = [p for p in policy.parameters() if p.requires_grad]
         start, last_ckpt = 0, None
         if cfg.resume and (last_ckpt := latest_checkpoint(ckpt_root)) is not None:
@@ -493,8 +564,6 @@ def train(
             start = state["step"]
         elif cfg.resume:
             logger.info("resume: no checkpoint under %s, starting at step 0", ckpt_root)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and not d.sharded
-                    else contextlib.nullcontext())
         if d.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))

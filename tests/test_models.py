@@ -30,9 +30,9 @@ def test_default_gguf_path_is_found_without_importing_the_package():
 
 
 def test_source_resolution(tmp_path):
-    folder, extra = models._resolve_source(None)
-    assert extra == {"gguf_file": default_gguf_path().name} and folder == str(default_gguf_path().parent)
-    assert models._resolve_source(default_gguf_path()) == (folder, extra)
+    assert models._resolve_source(None) == (str(models.embedded_model_dir()), {})
+    gguf = default_gguf_path()
+    assert models._resolve_source(gguf) == (str(gguf.parent), {"gguf_file": gguf.name})
     assert models._resolve_source(str(tmp_path)) == (str(tmp_path), {})
     with pytest.raises(ValueError, match="^name_or_path"):
         models._resolve_source(tmp_path / "missing.gguf")
@@ -59,21 +59,25 @@ def test_embedded_model_loads_and_saves_after_prepare(tmp_path):
     assert model.config._attn_implementation == "sdpa"
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
 
+    # The cached folder is the GGUF, converted: same weights bit for bit, same tokenizer.
+    gguf_model, gguf_tokenizer = load_model_and_tokenizer(default_gguf_path())
+    gguf_weights = gguf_model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, gguf_weights[name]), name
+    chat = [{"role": "user", "content": "What is 12 + 7? Answer: 19"}]
+    assert tokenizer.apply_chat_template(chat) == gguf_tokenizer.apply_chat_template(chat)
+    assert tokenizer("  naïve ünïcode 123\n").input_ids == gguf_tokenizer("  naïve ünïcode 123\n").input_ids
+
+    # A GGUF-loaded model cannot be saved as is: prepare_for_save drops the quantizer markers.
     with pytest.raises(ValueError, match="gguf"):
-        model.save_pretrained(tmp_path / "as_loaded")
-    # A private copy of the config/quantizer state: the session-shared model must stay as loaded.
-    config, quantizer = model.config, model.hf_quantizer
-    model.config = type(config).from_dict(config.to_dict())
-    try:
-        prepare_for_save(model)
-        assert not hasattr(model.config, "quantization_config") and model.hf_quantizer is None
-        model.save_pretrained(tmp_path / "saved")
-    finally:
-        model.config, model.hf_quantizer = config, quantizer
+        gguf_model.save_pretrained(tmp_path / "as_loaded")
+    prepare_for_save(gguf_model)
+    assert not hasattr(gguf_model.config, "quantization_config") and gguf_model.hf_quantizer is None
+    gguf_model.save_pretrained(tmp_path / "saved")
     reloaded = load_model(tmp_path / "saved")
     ids = torch.tensor([[1, 504, 3458, 314, 260]])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(ids).logits, gguf_model(ids).logits, rtol=0, atol=0)
 
 
 def test_load_model_and_tokenizer_from_local_folder(tmp_path, caplog):

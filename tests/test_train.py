@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from tiny_lm import char_tokenizer, tiny_model
 
 from gem_fast.data import load_preference_jsonl
-from gem_fast.logprobs import response_targets
+from gem_fast.logprobs import pair_logprobs, response_targets
 from gem_fast.models import load_model_and_tokenizer
 from gem_fast.train import (
-    PolicyLoss, TrainConfig, _Dist, lr_factor, main, parallelize, parse_config, sft_micro_batches, train,
+    PolicyLoss, TrainConfig, _Dist, lr_factor, main, parallelize, parse_config, reference_logprobs, sft_micro_batches,
+    train,
 )
 
 CPU_ONE = _Dist(0, 1, torch.device("cpu"), False)
@@ -97,6 +98,9 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root:
         grads = _named_grads(policy)
         loss = loss.detach()
         dist.all_reduce(loss)
+        # DPO's reference table scored by the sharded policy (weights untouched so far); 15 pairs
+        # leave rank 1 one short, so its slice is padded.
+        reference_logprobs(policy, load_preference_jsonl(data)[:15], tokenizer, cfg, d, root / "reference.safetensors")
         result = train(cfg)  # the full engine: 3 steps, then the HF export
         if rank == 0:
             torch.save({"loss": loss / world, "grads": grads, "total_numel": total_numel, "losses": result.losses},
@@ -150,6 +154,34 @@ def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
     shares = [torch.load(root / f"numel_rank{r}.pt") for r in range(2)]
     assert sum(shares) == rank0["total_numel"]
     assert all(abs(s / rank0["total_numel"] - 0.5) < 0.05 for s in shares)
+
+
+def test_reference_logprobs_sharded_equal_one_process(two_process_run):
+    model_dir, data, root, _ = two_process_run
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    pairs = load_preference_jsonl(data)[:15]
+    want = pair_logprobs(model, tokenizer, pairs, batch_size=3, max_length=512, backend="naive")
+    got = load_file(root / "reference.safetensors")
+    for name in ("chosen", "rejected"):
+        torch.testing.assert_close(got[name], getattr(want, name), **LOSS_TOL, msg=lambda m: f"{name}: {m}")
+    for name in ("chosen_tokens", "rejected_tokens"):
+        assert torch.equal(got[name], getattr(want, name)), name
+
+
+def test_reference_logprobs_cache_is_keyed_by_data_and_settings(tmp_path):
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=6)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    pairs, cache = load_preference_jsonl(data), tmp_path / "ref.safetensors"
+    cfg = run_config(model_dir, data, tmp_path / "out", batch_size=4)
+    policy = PolicyLoss(model, backend="torch")
+    first = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # a resumed run's policy is no longer the reference
+    again = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    assert torch.equal(again.chosen, first.chosen) and torch.equal(again.rejected, first.rejected)
+    other = reference_logprobs(policy, pairs, tokenizer, run_config(model_dir, data, tmp_path, max_length=64),
+                               CPU_ONE, cache)
+    assert not torch.allclose(other.chosen, first.chosen)
 
 
 def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):

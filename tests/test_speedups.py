@@ -1,0 +1,222 @@
+"""Non-vocab speed-ups of the training engine: Liger-Kernel layers and torch.compile per decoder layer (CPU),
+and the training-step benchmark's quick mode.
+
+Liger's RMSNorm and SwiGLU Triton kernels do not run under the Triton 3.9 interpreter (it hands
+float scalar arguments to the kernel as Python floats, which have no ``.to``), so on a CPU their
+patching and selection are tested, and their numerics only on a GPU. Liger's RoPE kernel does run
+in the interpreter: its loss and gradients are compared with Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_lm import char_tokenizer, tiny_model
+from torch._dynamo.utils import counters
+from transformers.models.llama import modeling_llama
+
+from gem_fast import models
+from gem_fast.kernels import resolve_backend
+from gem_fast.models import apply_liger_layers, liger_layer_names, use_liger_layers
+from gem_fast.train import PolicyLoss, TrainConfig, _build, _Dist, parallelize, parse_config
+
+# bench/ is a folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import train_step  # noqa: E402
+
+CPU = torch.device("cpu")
+ROPE = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
+# fp32 on CPU, same math in another order (Triton RoPE; inductor's fused kernels).
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def llama_module_restored(monkeypatch):
+    """Puts Liger's process-wide patches of modeling_llama back after the test (RoPE, layer classes)."""
+    pytest.importorskip("liger_kernel")  # an optional dependency
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
+def _batch(vocab: int, rows: int = 2, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random ids, full attention, the last 8 tokens of each row as the response, SFT weights 1/N."""
+    ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    response = torch.zeros(rows, length, dtype=torch.bool)
+    response[:, -8:] = True
+    weights = response[:, 1:].float() / response[:, 1:].sum()
+    return ids, torch.ones_like(ids), response, weights
+
+
+def _loss_and_grads(policy: PolicyLoss, device: torch.device = CPU) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = policy(*(t.to(device) for t in _batch(policy.model.config.vocab_size)))
+    loss.backward()
+    return loss.detach(), {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in policy.named_parameters()}
+
+
+def _assert_same(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict]) -> None:
+    torch.testing.assert_close(a[0], b[0], **LOSS_TOL)
+    assert a[1].keys() == b[1].keys()
+    for name, grad in a[1].items():
+        torch.testing.assert_close(b[1][name], grad, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_liger_selection_auto_on_off(monkeypatch, caplog):
+    pytest.importorskip("liger_kernel")
+    with caplog.at_level(logging.INFO, logger="gem_fast.models"):
+        assert use_liger_layers("auto", "cpu", "llama") is False
+    assert "Liger layers off (liger_layers='auto': its Triton kernels need CUDA, the device is cpu)" in caplog.text
+    assert use_liger_layers("off", "cuda", "llama") is False
+    with pytest.raises(ValueError, match="liger_layers='on': its Triton kernels need CUDA"):
+        use_liger_layers("on", CPU, "llama")
+    # CUDA: on when liger-kernel can patch the model type (no GPU needed to decide)
+    assert use_liger_layers("auto", "cuda", "llama") is True
+    assert use_liger_layers("on", "cuda:0", "mistral") is True
+    assert use_liger_layers("auto", "cuda", "gpt2") is False
+    with pytest.raises(ValueError, match="'gpt2': Liger-Kernel has no RMSNorm/RoPE/SwiGLU patch"):
+        use_liger_layers("on", "cuda", "gpt2")
+    with pytest.raises(ValueError, match="^liger_layers: expected"):
+        use_liger_layers("yes", "cuda", "llama")
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name: None if name == "liger_kernel" else real_find_spec(name))
+    assert use_liger_layers("auto", "cuda", "llama") is False
+    with pytest.raises(ValueError, match="liger-kernel is not installed"):
+        use_liger_layers("on", "cuda", "llama")
+    with pytest.raises(ValueError, match="liger-kernel is not installed"):
+        apply_liger_layers(tiny_model(char_tokenizer()))
+
+
+def test_apply_liger_layers_patches_this_instance_and_rope(llama_module_restored):
+    tokenizer = char_tokenizer()
+    model = tiny_model(tokenizer)
+    assert liger_layer_names(model) == []
+    names = apply_liger_layers(model)
+    layers = [f"model.layers.{i}" for i in range(2)]
+    expected = [f"{p}.{n}" for p in layers for n in ("mlp", "input_layernorm", "post_attention_layernorm")]
+    assert names == [*expected, "model.norm", ROPE]
+    modules = dict(model.named_modules())
+    for name in expected + ["model.norm"]:
+        kind = "LigerSwiGLUMLP" if name.endswith("mlp") else "LigerRMSNorm"
+        assert modules[name]._get_name() == kind
+        assert modules[name].forward.__func__.__qualname__ == f"{kind}.forward"  # Liger's forward is what runs
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == "liger_kernel.transformers.rope"
+    # Liger also swaps the layer classes for later models: undone, only RoPE stays module-wide.
+    assert modeling_llama.LlamaRMSNorm.__module__ == modeling_llama.LlamaMLP.__module__ == modeling_llama.__name__
+    assert liger_layer_names(tiny_model(tokenizer)) == [ROPE]
+    # parameter names as unpatched: checkpoints and the HF export are unaffected
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in tiny_model(tokenizer).named_parameters()]
+
+
+def test_liger_rope_matches_hugging_face_under_the_interpreter(llama_module_restored, monkeypatch):
+    tokenizer = char_tokenizer()
+    reference = _loss_and_grads(PolicyLoss(tiny_model(tokenizer).train(), backend="torch"))
+    model = tiny_model(tokenizer).train()
+    assert apply_liger_layers(model, rms_norm=False, swiglu=False) == [ROPE]
+    liger_rope, calls = modeling_llama.apply_rotary_pos_emb, []
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", lambda *a, **k: calls.append(1) or liger_rope(*a, **k))
+    _assert_same(reference, _loss_and_grads(PolicyLoss(model, backend="torch")))
+    assert len(calls) == 2  # one Triton RoPE per layer in the forward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's RMSNorm and SwiGLU kernels need CUDA")
+def test_liger_layers_match_hugging_face_on_cuda(llama_module_restored):
+    tokenizer, cuda = char_tokenizer(), torch.device("cuda")
+    reference = _loss_and_grads(PolicyLoss(tiny_model(tokenizer).to(cuda).train(), backend="torch"), cuda)
+    model = tiny_model(tokenizer).to(cuda).train()
+    assert len(apply_liger_layers(model)) == 8  # 5 norms, 2 MLPs, RoPE
+    _assert_same(reference, _loss_and_grads(PolicyLoss(model, backend="torch"), cuda))
+
+
+def test_build_honours_liger_layers_flag(caplog):
+    cpu_one = _Dist(0, 1, CPU, False)
+    with pytest.raises(ValueError, match="liger_layers='on': its Triton kernels need CUDA"):
+        _build(tiny_model(char_tokenizer()), TrainConfig(liger_layers="on"), cpu_one, 1, 1)
+    with caplog.at_level(logging.INFO):
+        policy, _, _ = _build(tiny_model(char_tokenizer()), TrainConfig(), cpu_one, 1, 1)
+    assert liger_layer_names(policy.model) == []
+    assert "Liger layers off" in caplog.text and "compiled layers off" in caplog.text
+    cfg = parse_config(["--liger_layers", "off", "--compile_layers"], objective="sft", description="t")
+    assert (cfg.liger_layers, cfg.compile_layers) == ("off", True)
+
+
+def test_compile_layers_keep_loss_grads_and_names():
+    """Inductor on CPU (about 20 s to compile the shared layer graph, forward and backward)."""
+    tokenizer = char_tokenizer()
+    torch._dynamo.reset()
+    counters.clear()
+    results, names = [], []
+    for compiled in (False, True):
+        policy = parallelize(PolicyLoss(tiny_model(tokenizer).train(), backend="torch"), activation_checkpointing=True,
+                             sharded=False, device=CPU, compile_layers=compiled)
+        results.append(_loss_and_grads(policy))
+        names.append(list(policy.state_dict()))
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in policy.model.model.layers)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # whole layers compiled
+    _assert_same(*results)
+    assert names[0] == names[1]  # checkpoints and the HF export see the same parameter names
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/train_step.py --quick: the record's numbers agree with each other and with the model
+
+
+@pytest.fixture(scope="module")
+def train_step_quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    assert train_step.main(["--quick", "--device", "cpu", "--out", str(root)]) == 0
+    return json.loads((root / "cpu" / "train_step.json").read_text()), root / "cpu"
+
+
+def _hand_counted_flops(shape: train_step.Shape, rows: int, seq_len: int) -> int:
+    """The documented formula, written out from the shape (not from the model object)."""
+    head_dim = shape.hidden // shape.heads
+    attn = 2 * shape.hidden * shape.heads * head_dim + 2 * shape.hidden * shape.kv_heads * head_dim
+    per_layer = attn + 3 * shape.hidden * shape.intermediate
+    tokens = rows * seq_len
+    return (6 * shape.layers * per_layer * tokens + 12 * shape.layers * shape.heads * head_dim * seq_len * tokens
+            + 6 * shape.hidden * shape.vocab * rows * (seq_len - 1))
+
+
+def test_train_step_quick_record_is_consistent(train_step_quick):
+    doc, out = train_step_quick
+    train_step.validate(doc)
+    assert "| variant | loss backend |" in (out / "train_step.md").read_text()
+    cfg, rate = doc["config"], doc["probes"]["matmul_tflops_used"]
+    ok = {r["variant"]: r for r in doc["rows"] if r["status"] == "ok"}
+    assert set(ok) == {"naive", "fused"}
+    flops = _hand_counted_flops(train_step.QUICK, cfg["rows"], cfg["seq_len"])
+    assert cfg["model_flops_per_step"]["total"] == flops
+    model = train_step.random_llama(train_step.QUICK, CPU)
+    n_params = sum(p.numel() for p in model.parameters())
+    for row in ok.values():
+        assert row["tokens"] == cfg["rows"] * cfg["seq_len"] == cfg["tokens_per_step"]
+        assert row["tokens_per_s"] * row["time_s"] == pytest.approx(row["tokens"], rel=1e-9)
+        assert row["model_flops"] == flops
+        assert row["tflops"] == pytest.approx(flops / row["time_s"] / 1e12, rel=1e-9)
+        assert row["mfu"] == pytest.approx(row["tflops"] / rate, rel=1e-9)
+        assert (row["liger_path"], row["attention"]) == ("off", "sdpa")
+        # fp32 weights and AdamW's two moments, plus its per-tensor step counters
+        assert row["resident_bytes"] == 12 * n_params + 4 * len(list(model.parameters()))
+    assert (ok["naive"]["loss_backend"], ok["fused"]["loss_backend"]) == ("naive", resolve_backend("auto", CPU))
+    # Same weights and rows: the same first loss, the token mean of -log p, about log V at init std 0.02.
+    assert ok["fused"]["first_loss"] == pytest.approx(ok["naive"]["first_loss"], rel=1e-5)
+    assert ok["naive"]["first_loss"] == pytest.approx(math.log(train_step.QUICK.vocab), abs=0.05)
+    # The LM head dominates this model: the fused loss must save most of the step's memory.
+    assert ok["fused"]["peak_extra_bytes"] < 0.75 * ok["naive"]["peak_extra_bytes"]
+
+
+def test_train_step_quick_says_why_variants_did_not_run(train_step_quick):
+    doc, _ = train_step_quick
+    assert len(doc["rows"]) == len(train_step.variants()) == 8
+    for row in doc["rows"]:
+        if row["compile"]:
+            assert row["status"] == "not run" and row["reason"].startswith("quick mode")
+        elif row["liger"]:
+            assert row["status"] == "not run" and "need CUDA" in row["reason"] and row["tokens_per_s"] is None
