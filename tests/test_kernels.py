@@ -110,6 +110,32 @@ def test_ignored_rows_pass_no_gradient(backend):
 
 
 @pytest.mark.parametrize("op", ["logprob_entropy", "weighted_loss"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_runs_the_gemms_in_the_autocast_dtype(backend, op):
+    """fp32 leaves inside torch.autocast(bf16): the same numbers as bf16 inputs outside it, and
+    fp32 gradients that are the bf16 ones widened (as autocast does for nn.Linear)."""
+    leaves = make_inputs("basic")[:3]
+    targets = make_inputs("basic")[3]
+    g_logp = upstream(targets.shape, 1)
+
+    def run(hidden, weight, bias):
+        if op == "logprob_entropy":
+            logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend=backend)
+            out = (logp * g_logp).sum() + entropy.sum()
+        else:
+            out = weighted_logprob_loss(hidden, weight, targets, g_logp, bias=bias, backend=backend)
+        return out, torch.autograd.grad(out, (hidden, weight, bias))
+
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, grads = run(*leaves)
+    bf16_leaves = [t.detach().bfloat16().requires_grad_() for t in leaves]
+    want_out, want_grads = run(*bf16_leaves)
+    assert out.dtype == torch.float32 and torch.equal(out, want_out)
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("op", ["logprob_entropy", "weighted_loss"])
 def test_ignored_rows_skip_the_logit_gemm(monkeypatch, op):
     hidden, weight, bias, targets = make_inputs("basic")
     gemm_rows = []

@@ -136,6 +136,18 @@ def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int
         )
 
 
+def _autocast_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inside ``torch.autocast`` the logit GEMM takes the autocast dtype, as ``nn.Linear`` would; the
+    casts are differentiable, so fp32 leaves (master weights) get fp32 gradients."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _valid_rows(flat_targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices [n_valid] int64 of the rows worth computing, or None when that is every row.
 
@@ -187,6 +199,7 @@ def fused_logprob_entropy(
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
         return logp.view(targets.shape), entropy.view(targets.shape)
     rows = _valid_rows(flat_targets, ignore_index)
+    flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     logp, entropy = _LinearLogprobEntropy.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows), temperature, ignore_index,
         _row_ops(backend),
@@ -227,6 +240,7 @@ def weighted_logprob_loss(
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     rows = _valid_rows(flat_targets, ignore_index)
+    flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     return _WeightedLogprobLoss.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows),
         _take_rows(w, rows), _take_rows(e, rows), temperature, ignore_index, _row_ops(backend), needs,

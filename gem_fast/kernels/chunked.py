@@ -12,8 +12,9 @@ the forward and spends 6NHV in the forward, leaving ``backward`` a scale of stor
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -43,6 +44,20 @@ def _block_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
 
 
+def autocast_off(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast disabled: the passes fix every dtype themselves (``out=`` GEMMs, fp32
+    accumulators), so an enclosing ``torch.autocast`` must not recast their ops. The public API
+    casts the inputs to the autocast dtype before calling in (see :mod:`gem_fast.kernels`)."""
+
+    @functools.wraps(fn)
+    def without_autocast(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return without_autocast
+
+
+@autocast_off
 def linear_pass(
     rows: ModuleType,
     hidden: torch.Tensor,
@@ -74,6 +89,8 @@ def linear_pass(
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     step = chunk_rows(n_rows, vocab, device)
     for start in range(0, n_rows, step):
+        # Drop the previous chunk's block (d_block aliases it) before the GEMM allocates the next.
+        block = d_block = None
         rows_slice = slice(start, min(start + step, n_rows))
         h = hidden[rows_slice]
         block = _block_logits(h, weight, bias)
@@ -171,6 +188,7 @@ class _WeightedLogprobLoss(torch.autograd.Function):
 
 class _EntropyFromLogits(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, logits, temperature, rows):
         inv_t = 1.0 / temperature
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -182,6 +200,7 @@ class _EntropyFromLogits(torch.autograd.Function):
         return entropy
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_entropy):
         logits, lse, entropy = ctx.saved_tensors
         d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
