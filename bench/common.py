@@ -16,8 +16,10 @@ import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -162,6 +164,13 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def results_dir(out: Path | None, quick: bool, device: torch.device) -> Path:
+    """Where a benchmark writes: ``OUT/<device>/``; by default bench/results, or a temporary
+    folder for ``--quick`` runs (CI), which must not overwrite the committed results."""
+    default = Path(tempfile.gettempdir()) / "gem_fast_bench" if quick else Path(__file__).with_name("results")
+    return (out or default) / device_slug(device)
 
 
 def package_version(name: str) -> str | None:

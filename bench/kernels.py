@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -52,11 +51,11 @@ from .common import (  # noqa: E402
     PeakMemory,
     RepeatPolicy,
     device_name,
-    device_slug,
     environment,
     measure,
     median_seconds,
     package_version,
+    results_dir,
 )
 
 OPS = ("entropy", "logprob_entropy", "weighted_loss")
@@ -658,8 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     device = torch.device(opts.device)
     mode = "quick" if opts.quick else "full"
-    default_root = Path(tempfile.gettempdir()) / "gem_fast_bench" if opts.quick else Path(__file__).with_name("results")
-    out_dir = (opts.out or default_root) / device_slug(device)
+    out_dir = results_dir(opts.out, opts.quick, device)
     doc = run(make_config(mode, device), device, log=lambda line: print(line, flush=True))
     for path in write_outputs(doc, out_dir):
         print(f"wrote {path}")

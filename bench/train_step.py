@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -48,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 # First: on a CPU it sets TRITON_INTERPRET, which must precede the loading of any Triton kernel.
 from . import kernels as kernel_bench
-from .common import PeakMemory, RepeatPolicy, device_slug, environment, measure, median_seconds, package_version
+from .common import PeakMemory, RepeatPolicy, environment, measure, median_seconds, package_version, results_dir
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import (
     DEFAULT_GGUF_FILE, apply_liger_layers, choose_attn_implementation, liger_layer_names, load_model, use_liger_layers,
@@ -412,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = make_setup("quick" if opts.quick else "full", device)
     setup = replace(setup, rows=opts.rows or setup.rows, seq_len=opts.seq_len or setup.seq_len,
                     skip_compile="--no_compile given" if opts.no_compile else setup.skip_compile)
-    default_root = Path(tempfile.gettempdir()) / "gem_fast_bench" if opts.quick else Path(__file__).with_name("results")
-    out_dir = (opts.out or default_root) / device_slug(device)
+    out_dir = results_dir(opts.out, opts.quick, device)
     doc = run(setup, device, log=lambda line: print(line, flush=True))
     for path in write_outputs(doc, out_dir):
         print(f"wrote {path}")
