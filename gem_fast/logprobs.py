@@ -71,8 +71,10 @@ def sequence_logprobs(
     """
     weight, bias = output_layer(model)
     targets = response_targets(batch)
+    # Prompt and padding rows are most of a preference batch: one host sync to skip their GEMMs.
     logp, _ = fused_logprob_entropy(
-        response_hidden(model, batch), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=backend
+        response_hidden(model, batch), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=backend,
+        drop_ignored_rows=True,
     )
     total = logp.sum(-1)
     if length_normalize:

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -40,12 +41,13 @@ def default_gguf_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
-def embedded_model_dir() -> Path:
+def embedded_model_dir() -> Path | None:
     """HF folder (float32 safetensors + tokenizer) of the embedded GGUF, converted on first use.
 
     Dequantising the GGUF and converting its tokenizer take about 40 s on 2 CPU cores, the
     folder loads in about 1 s. It lives under ``$GEM_FAST_CACHE`` (default ``~/.cache/gem_fast``),
     named after the GGUF's size and mtime, and appears atomically (written aside, then renamed).
+    None, with a warning, when the cache cannot be written (the caller then reads the GGUF).
     """
     gguf = default_gguf_path()
     stat = gguf.stat()
@@ -53,16 +55,25 @@ def embedded_model_dir() -> Path:
     folder = root / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (folder / "config.json").is_file():
         return folder
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=f"{folder.name}.tmp-"))
+    except OSError as exc:
+        logger.warning("cannot write under %s (%s): the embedded GGUF is converted on every load", root, exc)
+        return None
     logger.info("converting the embedded %s to a Hugging Face folder %s (once)", gguf.name, folder)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    partial = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    prepare_for_save(model).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
     try:
+        prepare_for_save(model).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
         partial.rename(folder)
-    except OSError:  # another process (a torchrun rank) renamed its copy first
-        shutil.rmtree(partial)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if (folder / "config.json").is_file():  # another process (a torchrun rank) renamed its copy first
+            return folder
+        logger.warning("cannot write %s (%s): the embedded GGUF is converted on every load", folder, exc)
+        return None
     return folder
 
 
@@ -74,7 +85,10 @@ def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
     or Hub id) is passed through.
     """
     if name_or_path is None:
-        return str(embedded_model_dir()), {}
+        folder = embedded_model_dir()
+        if folder is not None:
+            return str(folder), {}
+        name_or_path = default_gguf_path()
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -204,6 +218,9 @@ def tiny_llama(
 
 LIGER_PACKAGE = "liger_kernel"
 _ROPE_FUNCTION = "apply_rotary_pos_emb"
+# Model types with the Llama decoder layout (input/post-attention RMSNorm, one gated MLP per layer)
+# that apply_liger_layers checks; Liger patches others (MoE experts, other norm placements) differently.
+LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def use_liger_layers(setting: Literal["auto", "on", "off"], device: str | torch.device, model_type: str) -> bool:
@@ -230,6 +247,8 @@ def _liger_missing(device: torch.device, model_type: str) -> str | None:
         return f"its Triton kernels need CUDA, the device is {device.type}"
     if importlib.util.find_spec(LIGER_PACKAGE) is None:
         return "liger-kernel is not installed (pip install liger-kernel)"
+    if model_type not in LIGER_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of the Llama-layout types {LIGER_MODEL_TYPES}"
     try:
         _liger_apply_function(model_type)
     except ValueError as exc:
@@ -283,9 +302,12 @@ def apply_liger_layers(
     swap for models built later are put back. Raises ValueError for a model type Liger cannot patch,
     and RuntimeError when a norm or MLP was left unpatched. Needs CUDA to run (see :func:`use_liger_layers`).
     """
+    model_type = model.config.model_type
     if importlib.util.find_spec(LIGER_PACKAGE) is None:
         raise ValueError("apply_liger_layers: liger-kernel is not installed (pip install liger-kernel)")
-    apply_fn = _liger_apply_function(model.config.model_type)
+    if model_type not in LIGER_MODEL_TYPES:
+        raise ValueError(f"apply_liger_layers: model type {model_type!r} is not one of {LIGER_MODEL_TYPES}")
+    apply_fn = _liger_apply_function(model_type)
     modeling = sys.modules[type(model).__module__]
     before = dict(vars(modeling))
     apply_fn(rope=rope, rms_norm=rms_norm, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False,
@@ -294,10 +316,15 @@ def apply_liger_layers(
         if name != _ROPE_FUNCTION and getattr(modeling, name) is not value:
             setattr(modeling, name, value)
     names = liger_layer_names(model)
+    problem = None
     if missing := sorted(set(_expected_liger_modules(model, rms_norm=rms_norm, swiglu=swiglu)) - set(names)):
-        raise RuntimeError(f"apply_liger_layers: Liger left {missing} unpatched")
-    if rope and f"{modeling.__name__}.{_ROPE_FUNCTION}" not in names:
-        raise RuntimeError(f"apply_liger_layers: {modeling.__name__}.{_ROPE_FUNCTION} is not Liger's RoPE")
+        problem = f"Liger left {missing} unpatched"
+    elif rope and f"{modeling.__name__}.{_ROPE_FUNCTION}" not in names:
+        problem = f"{modeling.__name__}.{_ROPE_FUNCTION} is not Liger's RoPE"
+    if problem:
+        # Leave no module-wide half patch behind for the models built after this error.
+        setattr(modeling, _ROPE_FUNCTION, before[_ROPE_FUNCTION])
+        raise RuntimeError(f"apply_liger_layers: {problem}")
     kinds = [module._get_name() for module in model.modules() if module._get_name().startswith("Liger")]
     logger.info("Liger layers applied to %s: %s; RoPE %s", type(model).__name__,
                 ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))),

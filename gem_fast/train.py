@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -178,7 +179,7 @@ class PolicyLoss(nn.Module):
         hidden = response_hidden(self.model, batch)
         return weighted_logprob_loss(
             hidden, weight, response_targets(batch), token_weights,
-            bias=bias, ignore_index=IGNORE_INDEX, backend=self.backend,
+            bias=bias, ignore_index=IGNORE_INDEX, backend=self.backend, drop_ignored_rows=True,
         )
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:
@@ -351,19 +352,29 @@ def reference_logprobs(
     """DPO/IPO π_ref log-probs of every pair from the policy's current (initial) weights, on CPU.
 
     Rank r scores pairs r, r + world, ... on its device and the slices are all-gathered. The
-    table goes to ``cache`` (safetensors, written atomically by rank 0), which a later call with
-    the same data, model and tokenisation reads instead of scoring the file again (a resume).
+    table goes to ``cache`` (safetensors, written atomically by rank 0); a resumed run
+    (``cfg.resume``) reads it instead of scoring the file again when it was made from the same
+    data file contents, model path and tokenisation. Rank 0 decides for all ranks, so they run
+    the same collectives.
     """
-    key = {"train_jsonl": str(Path(cfg.train_jsonl).resolve()), "pairs": str(len(pairs)),
-           "model": str(cfg.model_name_or_path), "max_length": str(cfg.max_length),
+    key = {"train_jsonl_sha256": hashlib.sha256(Path(cfg.train_jsonl).read_bytes()).hexdigest(),
+           "pairs": str(len(pairs)), "model": str(cfg.model_name_or_path), "max_length": str(cfg.max_length),
            "chat_template": str(cfg.chat_template)}
     names = ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
-    if cache.is_file():
+    hit = False
+    if cfg.resume and d.rank == 0 and cache.is_file():
         with safe_open(cache, "pt") as f:
-            if f.metadata() == key:
-                logger.info("reference log-probs read from %s", cache)
-                return PairLogprobs(*(f.get_tensor(n) for n in names))
-        logger.info("%s was computed for other data or settings; scoring the reference again", cache)
+            hit = f.metadata() == key
+        if not hit:
+            logger.info("%s was computed for other data or settings; scoring the reference again", cache)
+    if d.sharded:
+        flag = torch.tensor(float(hit), device=d.device)
+        dist.broadcast(flag, src=0)
+        hit = bool(flag.item())
+    if hit:
+        logger.info("reference log-probs read from %s", cache)
+        with safe_open(cache, "pt") as f:
+            return PairLogprobs(*(f.get_tensor(n) for n in names))
     mine = pairs[d.rank :: d.world]
     per_rank = math.ceil(len(pairs) / d.world)
     # Every rank must run as many FSDP forwards as the others: pad the slice with a repeated pair.

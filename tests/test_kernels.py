@@ -75,12 +75,12 @@ def close(actual, expected, scale=1.0, tol=2e-4):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logprob_entropy_matches_float64(backend, case):
+@pytest.mark.parametrize("backend, drop", [(b, False) for b in BACKENDS] + [("torch", True), ("triton", True)])
+def test_logprob_entropy_matches_float64(backend, drop, case):
     hidden, weight, bias, targets = make_inputs(case)
     temperature = 0.7
     logp, entropy = fused_logprob_entropy(
-        hidden, weight, targets, bias=bias, temperature=temperature, backend=backend
+        hidden, weight, targets, bias=bias, temperature=temperature, backend=backend, drop_ignored_rows=drop
     )
     assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == targets.shape
     ref_logp, ref_entropy = logprob_entropy_f64(hidden, weight, targets, bias, temperature)
@@ -141,14 +141,18 @@ def test_ignored_rows_skip_the_logit_gemm(monkeypatch, op):
     gemm_rows = []
     block_logits = chunked._block_logits
     monkeypatch.setattr(chunked, "_block_logits", lambda h, w, b: gemm_rows.append(h.shape[0]) or block_logits(h, w, b))
-    if op == "logprob_entropy":
-        logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend="torch")
-        (logp + entropy).sum().backward()
-        passes = 2  # the backward recomputes the logits
-    else:
-        weighted_logprob_loss(hidden, weight, targets, torch.ones(targets.shape), bias=bias, backend="torch").backward()
-        passes = 1
-    assert sum(gemm_rows) == passes * int((targets != -100).sum())
+    for drop in (False, True):
+        gemm_rows.clear()
+        if op == "logprob_entropy":
+            logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend="torch",
+                                                  drop_ignored_rows=drop)
+            (logp + entropy).sum().backward()
+            passes = 2  # the backward recomputes the logits
+        else:
+            weighted_logprob_loss(hidden, weight, targets, torch.ones(targets.shape), bias=bias, backend="torch",
+                                  drop_ignored_rows=drop).backward()
+            passes = 1
+        assert sum(gemm_rows) == passes * int((targets != -100).sum() if drop else targets.numel())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -172,10 +176,11 @@ def test_bf16_error_no_worse_than_plain_bf16_torch(backend):
 
 @pytest.mark.parametrize("case", ["basic", "peaked", "non_contiguous", "batched"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_weighted_loss_equals_naive_formula(backend, case):
+@pytest.mark.parametrize("drop", [False, True])
+def test_weighted_loss_equals_naive_formula(backend, case, drop):
     hidden, weight, bias, targets = make_inputs(case)
     token_weights, entropy_weights = upstream(targets.shape, 3), upstream(targets.shape, 4)
-    kwargs = dict(bias=bias, temperature=1.3, entropy_weights=entropy_weights)
+    kwargs = dict(bias=bias, temperature=1.3, entropy_weights=entropy_weights, drop_ignored_rows=drop)
     loss = weighted_logprob_loss(hidden, weight, targets, token_weights, backend=backend, **kwargs)
     logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, temperature=1.3, backend="naive")
     expected = -(token_weights * logp).sum() - (entropy_weights * entropy).sum()

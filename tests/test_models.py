@@ -38,6 +38,17 @@ def test_source_resolution(tmp_path):
         models._resolve_source(tmp_path / "missing.gguf")
 
 
+def test_unwritable_cache_falls_back_to_the_gguf(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("GEM_FAST_CACHE", str(blocker / "cache"))  # below a file: cannot be created
+    with caplog.at_level(logging.WARNING, logger="gem_fast.models"):
+        assert models.embedded_model_dir() is None
+        gguf = default_gguf_path()
+        assert models._resolve_source(None) == (str(gguf.parent), {"gguf_file": gguf.name})
+    assert "cannot write under" in caplog.text
+
+
 def test_attention_choice(monkeypatch):
     assert choose_attn_implementation("cpu") == "sdpa"
     real_find_spec = importlib.util.find_spec

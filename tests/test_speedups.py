@@ -79,8 +79,13 @@ def test_liger_selection_auto_on_off(monkeypatch, caplog):
     assert use_liger_layers("auto", "cuda", "llama") is True
     assert use_liger_layers("on", "cuda:0", "mistral") is True
     assert use_liger_layers("auto", "cuda", "gpt2") is False
-    with pytest.raises(ValueError, match="'gpt2': Liger-Kernel has no RMSNorm/RoPE/SwiGLU patch"):
+    with pytest.raises(ValueError, match="'gpt2' is not one of the Llama-layout types"):
         use_liger_layers("on", "cuda", "gpt2")
+    # Liger patches MoE experts and other norm layouts differently: auto stays off, not a crash.
+    for model_type in ("mixtral", "olmo2"):
+        assert use_liger_layers("auto", "cuda", model_type) is False
+    for model_type in models.LIGER_MODEL_TYPES:
+        assert use_liger_layers("on", "cuda", model_type) is True, model_type
     with pytest.raises(ValueError, match="^liger_layers: expected"):
         use_liger_layers("yes", "cuda", "llama")
     real_find_spec = models.importlib.util.find_spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -177,11 +178,25 @@ def test_reference_logprobs_cache_is_keyed_by_data_and_settings(tmp_path):
     first = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)  # a resumed run's policy is no longer the reference
-    again = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    resumed = dataclasses.replace(cfg, resume=True)
+    again = reference_logprobs(policy, pairs, tokenizer, resumed, CPU_ONE, cache)
     assert torch.equal(again.chosen, first.chosen) and torch.equal(again.rejected, first.rejected)
-    other = reference_logprobs(policy, pairs, tokenizer, run_config(model_dir, data, tmp_path, max_length=64),
-                               CPU_ONE, cache)
-    assert not torch.allclose(other.chosen, first.chosen)
+    # A fresh run scores again; so does a resume whose data file or settings changed.
+    fresh = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    assert not torch.allclose(fresh.chosen, first.chosen)
+    with torch.no_grad():
+        model.lm_head.weight.div_(2.0)
+    reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)  # the cache holds `first` again
+    with data.open("a") as f:
+        f.write(data.read_text().splitlines(keepends=True)[0])  # same first 6 pairs, other file contents
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    edited = reference_logprobs(policy, pairs, tokenizer, resumed, CPU_ONE, cache)
+    assert not torch.allclose(edited.chosen, first.chosen)
+    with torch.no_grad():
+        model.lm_head.weight.div_(2.0)  # rescored with the reference weights (rows are < 64 tokens)...
+    other = reference_logprobs(policy, pairs, tokenizer, dataclasses.replace(resumed, max_length=64), CPU_ONE, cache)
+    torch.testing.assert_close(other.chosen, first.chosen)  # ...not read back as `edited`
 
 
 def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):

@@ -7,9 +7,10 @@ in float32 whatever the input dtype.
 Backends: ``naive`` materialises the ``[N, V]`` logits (the reference); ``torch`` chunks tokens
 so only a ``[chunk, V]`` block exists at a time; ``triton`` does the same with the vocab-wide
 reductions and the logit gradient in Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-``auto`` picks ``triton`` on CUDA and ``torch`` elsewhere, and logs the choice once. The fused
-backends drop rows whose target is ``ignore_index`` before any GEMM (prompt tokens are often
-most of a batch), at the price of one host sync per call.
+``auto`` picks ``triton`` on CUDA and ``torch`` elsewhere, and logs the choice once. No call
+syncs with the host unless asked to: ``drop_ignored_rows=True`` removes the rows whose target is
+``ignore_index`` before any GEMM (prompt tokens are often most of a batch) at the price of one
+sync (the number of kept rows).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def _autocast_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Inside ``torch.autocast`` the logit GEMM takes the autocast dtype, as ``nn.Linear`` would; the
-    casts are differentiable, so fp32 leaves (master weights) get fp32 gradients."""
+    casts are differentiable, so fp32 leaves (master weights) get their gradients as fp32 tensors
+    (of bf16-rounded values, as ``nn.Linear`` under autocast)."""
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias
@@ -148,12 +150,14 @@ def _autocast_inputs(
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _valid_rows(flat_targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices [n_valid] int64 of the rows worth computing, or None when that is every row.
+def _valid_rows(flat_targets: torch.Tensor, ignore_index: int, drop: bool) -> torch.Tensor | None:
+    """Indices [n_valid] int64 of the rows worth computing, or None for every row.
 
-    An ignored row (prompt, padding) would cost a full logit GEMM for an output of 0, so such
-    rows are dropped before the kernels; finding them is one host sync per call.
+    An ignored row (prompt, padding) costs a full logit GEMM for an output of 0; finding the
+    others is a host sync, so it happens only when the caller asks (``drop``).
     """
+    if not drop:
+        return None
     rows = (flat_targets != ignore_index).nonzero().squeeze(1)
     return None if rows.numel() == flat_targets.numel() else rows
 
@@ -185,12 +189,14 @@ def fused_logprob_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    drop_ignored_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and softmax entropy (nats) per token, without [N, V] logits.
 
     hidden [..., H], weight [V, H], targets [...] int64, bias [V] or None. Returns ``(logp,
     entropy)``, float32 of shape [...], differentiable w.r.t. hidden, weight and bias through
     both; rows whose target is ``ignore_index`` give 0 and pass no gradient.
+    ``drop_ignored_rows``: skip those rows' GEMMs on the fused backends (one host sync).
     """
     backend, flat_hidden, flat_targets = _prepare_linear(
         hidden, weight, targets, bias, temperature, ignore_index, backend
@@ -198,7 +204,7 @@ def fused_logprob_entropy(
     if backend == "naive":
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
         return logp.view(targets.shape), entropy.view(targets.shape)
-    rows = _valid_rows(flat_targets, ignore_index)
+    rows = _valid_rows(flat_targets, ignore_index, drop_ignored_rows)
     flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     logp, entropy = _LinearLogprobEntropy.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows), temperature, ignore_index,
@@ -218,6 +224,7 @@ def weighted_logprob_loss(
     ignore_index: int = -100,
     entropy_weights: torch.Tensor | None = None,
     backend: str = "auto",
+    drop_ignored_rows: bool = False,
 ) -> torch.Tensor:
     """Scalar ``-Σ_t token_weights[t]·logp_t - Σ_t entropy_weights[t]·H_t`` over non-ignored tokens.
 
@@ -225,6 +232,7 @@ def weighted_logprob_loss(
     treated as constants (advantages, SFT masks, entropy-bonus coefficients: no gradient flows
     into them). The fused backends produce the gradients during the forward pass, one logit GEMM
     per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor.
+    ``drop_ignored_rows`` as in :func:`fused_logprob_entropy`.
     """
     backend, flat_hidden, flat_targets = _prepare_linear(
         hidden, weight, targets, bias, temperature, ignore_index, backend
@@ -239,7 +247,7 @@ def weighted_logprob_loss(
         return -(w.float() * logp).sum() - (e.float() * entropy).sum()
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    rows = _valid_rows(flat_targets, ignore_index)
+    rows = _valid_rows(flat_targets, ignore_index, drop_ignored_rows)
     flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     return _WeightedLogprobLoss.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows),
