@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -20,9 +21,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from gem_fast.memory_plan import ModelShape
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class PeakMemory:
         except OSError:
             return False
 
-    def start(self) -> None:
+    def start(self) -> int:
+        """Reset the peak; returns the bytes in use now (allocated on CUDA, resident on a CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -90,6 +95,7 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
             self._base = _status_bytes("VmRSS")
+        return self._base
 
     def peak(self) -> int | None:
         if self.device.type == "cuda":
@@ -164,6 +170,41 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def random_llama(shape: "ModelShape", device: torch.device, *, seed: int = 0):
+    """fp32 ``LlamaForCausalLM`` of ``shape`` (a :class:`gem_fast.memory_plan.ModelShape`) with random
+    weights (init std 0.02) on ``device``, in training mode; attention as for a loaded model
+    (:func:`gem_fast.models.choose_attn_implementation`). The global RNG is left as it was."""
+    # Imported here: transformers takes seconds to import and most benchmark processes never build one.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gem_fast.models import choose_attn_implementation
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim, tie_word_embeddings=shape.tied, max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
+    config._attn_implementation = choose_attn_implementation(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).train()
+
+
+def write_results(out_dir: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
+    """``<stem>.json`` (the raw document) and ``<stem>.md`` (its table) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md_path.write_text(markdown)
+    return [json_path, md_path]
+
+
+def status_counts(rows: list[dict], statuses: tuple[str, ...]) -> str:
+    """``"ok: 3, error: 0"``: how many result rows ended in each status."""
+    return ", ".join(f"{s}: {sum(r['status'] == s for r in rows)}" for s in statuses)
 
 
 def results_dir(out: Path | None, quick: bool, device: torch.device) -> Path:

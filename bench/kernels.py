@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -56,6 +55,8 @@ from .common import (  # noqa: E402
     median_seconds,
     package_version,
     results_dir,
+    status_counts,
+    write_results,
 )
 
 OPS = ("entropy", "logprob_entropy", "weighted_loss")
@@ -638,11 +639,7 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
 def write_outputs(doc: dict, out_dir: Path) -> list[Path]:
     """results.json, results.md and the PNG plots under ``out_dir``."""
     validate(doc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(markdown(doc))
-    return [json_path, md_path, *plot(doc, out_dir)]
+    return [*write_results(out_dir, "results", doc, markdown(doc)), *plot(doc, out_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,8 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = run(make_config(mode, device), device, log=lambda line: print(line, flush=True))
     for path in write_outputs(doc, out_dir):
         print(f"wrote {path}")
-    print(f"{len(doc['rows'])} rows in {doc['wall_s']:.0f} s; "
-          + ", ".join(f"{s}: {sum(r['status'] == s for r in doc['rows'])}" for s in STATUSES))
+    print(f"{len(doc['rows'])} rows in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}")
     return 0
 
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from gem_fast.memory_plan import (GIB, ModelShape, Sampling, Setup, markdown_table, model_shape, plan_memory,
                                   setup_from_train_config)
 
-from .common import _malloc_trim, _status_bytes, environment
+from .common import PeakMemory, environment, random_llama, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,28 +101,10 @@ QUICK = CASES[:2]
 # Child side: runs inside the probe interpreter (python -m bench.memory_plan --probe CASES.json).
 
 
-def _settle() -> int:
-    """Collect garbage, hand freed heap pages back to the OS, reset VmHWM to VmRSS; returns VmRSS."""
+def _settle(meter: PeakMemory) -> int:
+    """Collect garbage, then reset the meter's resident high-water mark; returns VmRSS."""
     gc.collect()
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
-
-
-def _llama(shape: ModelShape, max_len: int):
-    # transformers (and gem_fast.train, which imports it) take seconds to import: only the probe needs them.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, tie_word_embeddings=shape.tied, max_position_embeddings=max_len,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).train()
+    return meter.start()
 
 
 def _batch(vocab: int, rows: int, seq_len: int, seed: int):
@@ -143,7 +125,7 @@ def _batch(vocab: int, rows: int, seq_len: int, seed: int):
 def _build(shape: ModelShape, setup: Setup):
     from gem_fast.train import PolicyLoss, parallelize
 
-    model = _llama(shape, setup.seq_len)
+    model = random_llama(shape, torch.device("cpu"))
     backend = "naive" if setup.loss == "naive" else "torch"
     policy = parallelize(PolicyLoss(model, backend=backend), activation_checkpointing=setup.activation_checkpointing,
                          sharded=setup.sharded, device=torch.device("cpu"))
@@ -179,7 +161,8 @@ def _run_case(shape: ModelShape, setup: Setup, rank: int, port: int, results) ->
         dist.init_process_group("gloo")
     try:
         _warm_up(setup)
-        rss0 = _settle()
+        meter = PeakMemory(torch.device("cpu"))
+        rss0 = _settle(meter)
         policy, optimizer = _build(shape, setup)
         _step(policy, optimizer, _batch(shape.vocab, 1, 16, seed=rank))  # creates the AdamW states
         if setup.sampling is None:
@@ -187,13 +170,13 @@ def _run_case(shape: ModelShape, setup: Setup, rank: int, port: int, results) ->
             measured = lambda: _step(policy, optimizer, batch)  # noqa: E731
         else:
             measured = lambda: _sample(policy, shape.vocab, setup.sampling, seed=100 + rank)  # noqa: E731
-        start = _settle()
+        start = _settle(meter)
         began = time.perf_counter()
         measured()
         seconds = time.perf_counter() - began
-        high = _status_bytes("VmHWM")
-        results.put({"rank": rank, "static_bytes": start - rss0, "step_bytes": high - start,
-                     "peak_bytes": high - rss0, "step_s": seconds})
+        step = meter.peak()
+        results.put({"rank": rank, "static_bytes": start - rss0, "step_bytes": step,
+                     "peak_bytes": start + step - rss0, "step_s": seconds})
     finally:
         if setup.sharded:
             dist.destroy_process_group()
@@ -390,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         + prediction + "\n"
     )
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "memory_plan.json").write_text(json.dumps(doc, indent=1) + "\n")
-        (args.out / "memory_plan.md").write_text(md)
+        write_results(args.out, "memory_plan", doc, md)
     print(md)
     return 0
 

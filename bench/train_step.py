@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import sys
@@ -43,14 +42,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 # First: on a CPU it sets TRITON_INTERPRET, which must precede the loading of any Triton kernel.
 from . import kernels as kernel_bench
-from .common import PeakMemory, RepeatPolicy, environment, measure, median_seconds, package_version, results_dir
+from .common import (
+    PeakMemory, RepeatPolicy, environment, measure, median_seconds, package_version, random_llama, results_dir,
+    status_counts, write_results,
+)
 from gem_fast.kernels import resolve_backend
+from gem_fast.memory_plan import PRESETS, ModelShape
 from gem_fast.models import (
-    DEFAULT_GGUF_FILE, apply_liger_layers, choose_attn_implementation, liger_layer_names, load_model, use_liger_layers,
+    DEFAULT_GGUF_FILE, apply_liger_layers, liger_layer_names, load_model, use_liger_layers,
 )
 from gem_fast.train import PolicyLoss, parallelize
 
@@ -63,39 +66,10 @@ FLOPS_FORMULA = ("6·P·B·L + 12·n_layers·d_attn·L·B·L + 6·H·V·B·(L-1)
                  "d_attn = heads·head_dim, attention over the full L×L square, recomputation not counted")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A Llama-shaped model: sizes of a random-weight ``LlamaForCausalLM`` (tied embeddings)."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-LLAMA_3_2_1B = Shape("Llama-3.2-1B shape", hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192,
-                     vocab=128256)
+LLAMA_3_2_1B = replace(PRESETS["llama-1b"], name="Llama-3.2-1B shape")
 # The LM head dominates its FLOPs and memory: the quick check can see the fused kernel's saving.
-QUICK = Shape("tiny Llama, 32k vocab", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=32000)
-
-
-def random_llama(shape: Shape, device: torch.device, seed: int = 0) -> LlamaForCausalLM:
-    """fp32 ``LlamaForCausalLM`` of ``shape`` built on ``device`` (init std 0.02), training mode.
-
-    The attention is :func:`gem_fast.models.choose_attn_implementation`'s, as for a loaded model.
-    """
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
-    )
-    config._attn_implementation = choose_attn_implementation(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).train()
+QUICK = ModelShape("tiny Llama, 32k vocab", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                   vocab=32000, tied=True)
 
 
 @dataclass(frozen=True)
@@ -114,7 +88,7 @@ class Setup:
     """What a run measures: model, rows of tokens, repeats, and why the compiled variants are not run (if so)."""
 
     mode: str
-    shape: Shape | None  # None: the embedded SmolLM2
+    shape: ModelShape | None  # None: the embedded SmolLM2
     rows: int
     seq_len: int
     policy: RepeatPolicy
@@ -389,11 +363,7 @@ def markdown(doc: dict) -> str:
 
 def write_outputs(doc: dict, out_dir: Path) -> list[Path]:
     validate(doc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "train_step.json", out_dir / "train_step.md"
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(markdown(doc))
-    return [json_path, md_path]
+    return write_results(out_dir, "train_step", doc, markdown(doc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = run(setup, device, log=lambda line: print(line, flush=True))
     for path in write_outputs(doc, out_dir):
         print(f"wrote {path}")
-    print(f"{len(doc['rows'])} variants in {doc['wall_s']:.0f} s; "
-          + ", ".join(f"{s}: {sum(r['status'] == s for r in doc['rows'])}" for s in STATUSES))
+    print(f"{len(doc['rows'])} variants in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}")
     return 0
 
 

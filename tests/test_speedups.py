@@ -179,7 +179,7 @@ def train_step_quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Pa
     return json.loads((root / "cpu" / "train_step.json").read_text()), root / "cpu"
 
 
-def _hand_counted_flops(shape: train_step.Shape, rows: int, seq_len: int) -> int:
+def _hand_counted_flops(shape: train_step.ModelShape, rows: int, seq_len: int) -> int:
     """The documented formula, written out from the shape (not from the model object)."""
     head_dim = shape.hidden // shape.heads
     attn = 2 * shape.hidden * shape.heads * head_dim + 2 * shape.hidden * shape.kv_heads * head_dim
