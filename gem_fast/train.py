@@ -599,12 +599,13 @@ def train(
                     loss.backward()
                     loss_sum += loss.detach()
                 grad_norm = _clip_grad_norm(params, cfg.max_grad_norm)
-                # The step's only host syncs, at its boundary: one all-reduce of loss, stop request and stats.
+                # Besides one per micro-step (the kept rows of the loss), the step's only host sync, at its
+                # boundary: one all-reduce of loss, stop request and stats, read back with the grad norm.
                 packed = torch.stack([loss_sum / d.world, torch.tensor(float(bool(received)), device=d.device),
                                       *[v.to(d.device, torch.float32) for v in stats.values()]])
-                packed = _all_reduce_sum(packed, d).tolist()
+                *packed, norm = torch.cat([_all_reduce_sum(packed, d), grad_norm.reshape(1).to(packed)]).tolist()
                 record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": packed[0],
-                          "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0],
+                          "grad_norm": norm, "lr": schedule.get_last_lr()[0],
                           **{k: v / d.world for k, v in zip(stats, packed[2:])}}
                 if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
                     raise NonFiniteLossError(

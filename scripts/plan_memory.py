@@ -25,9 +25,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gem_fast.memory_plan import PRESETS, markdown_table, model_shape, plan_memory, setup_from_train_config  # noqa: E402
+from gem_fast.memory_plan import PRESETS, markdown_table, model_shape, plan_memory, setup_from_train_config
 
 NOT_MODELLED = (
     "Not modelled: allocator fragmentation beyond the fixed allowance, the first step's lazy AdamW "

@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not part of the package
-
-from bench import memory_plan as bench_plan  # noqa: E402
-from gem_fast.kernels import chunked  # noqa: E402
-from gem_fast.memory_plan import (  # noqa: E402
+from bench import memory_plan as bench_plan
+from gem_fast.kernels import chunked
+from gem_fast.memory_plan import (
     GIB, PRESETS, Sampling, Setup, fused_loss_bytes, model_shape, naive_loss_bytes, plan_memory,
     precision, setup_from_train_config,
 )
 
 LLAMA3_8B = PRESETS["llama3-8b"]
+ROOT = Path(__file__).resolve().parents[1]
 SEGA_8B_YAML = ROOT / "configs" / "llama3_8b_sega_8gpu.yaml"
 STEP_TOL = 0.15  # |measured / predicted - 1| for the allocations of the measured step
 STATIC_TOL = 0.10  # the same for parameters + AdamW states

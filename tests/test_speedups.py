@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,7 @@ from gem_fast import models
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, liger_layer_names, use_liger_layers
 from gem_fast.train import PolicyLoss, TrainConfig, _build, _Dist, parallelize, parse_config
-
-# bench/ is a folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import train_step  # noqa: E402
+from bench import train_step
 
 CPU = torch.device("cpu")
 ROPE = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
