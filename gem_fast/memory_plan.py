@@ -13,9 +13,8 @@ An analytic model, term by term, of what the engine allocates (every size in byt
   activation checkpointing only each layer's input, plus one layer recomputed for its backward;
 * the loss: ``naive`` holds the ``[positions, V]`` logits and the float32 copies autograd keeps
   for log-softmax, entropy and their gradients (:func:`naive_loss_bytes`); ``fused`` drops the
-  prompt and padding rows and holds one ``[chunk, V]`` block at a time plus an fp32 ``[V, H]``
-  weight-gradient accumulator (:func:`fused_loss_bytes`), the chunk size read from
-  :mod:`gem_fast.kernels.chunked`;
+  prompt and padding rows and holds one ``[chunk, V]`` block at a time and the gradients it
+  returns (:func:`fused_loss_bytes`, from the kernels' own model :mod:`gem_fast.kernels.plan`);
 * SEGA sampling (``gem_fast.sampling``, ``shared_prefix``): the whole model gathered, the prompt
   K/V once per prompt, the k candidates' own K/V, the prefill's per-layer working set and the
   sampler's ``[B·k, V]`` temporaries.
@@ -35,9 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import torch
-
-from gem_fast.kernels.chunked import chunk_rows
+from gem_fast.kernels.chunked import BLOCK_BYTES, chunk_rows
+from gem_fast.kernels.plan import naive_loss_bytes, plan_kernel
 
 __all__ = [
     "GIB", "PRESETS", "ModelShape", "Sampling", "Setup", "Precision", "Term", "Phase", "Plan",
@@ -284,40 +282,19 @@ def layer_activation_bytes_per_token(shape: ModelShape, prec: Precision, attenti
     return 2 * rmsnorm_bytes_per_token(shape, prec, liger) + attn + mlp
 
 
-def naive_loss_bytes(tokens: int, vocab: int, logits_element: int) -> int:
-    """Peak bytes of ``weighted_logprob_loss(backend="naive")`` forward+backward (gem_fast.kernels.naive).
-
-    With L = tokens × vocab elements: forward holds the logits (``logits_element`` bytes each),
-    then float32 z = logits / T, log-softmax, its exp p, the p > 0 mask (1 byte), log p with
-    -inf zeroed and the product p·log p: logits + 5 fp32 + mask. Backward starts with log p, p,
-    log p zeroed and the mask saved, adds the dense gather gradient and the product's two
-    gradients: 6 fp32 + mask. The [V, H] weight gradient comes after all of these are freed.
-    """
-    elements = tokens * vocab
-    forward = elements * (logits_element + 5 * FP32 + BOOL)
-    backward = elements * (6 * FP32 + BOOL)
-    return max(forward, backward)
-
-
 def fused_loss_bytes(tokens: int, hidden: int, vocab: int, prec: Precision, device: str) -> int:
-    """Peak bytes of ``weighted_logprob_loss`` on the fused path (gem_fast.kernels.chunked.linear_pass).
-
-    The loss computes its gradients in the forward, one ``[chunk, V]`` logits block at a time:
-    chunk = CHUNK_BYTES[device] // (4 V) rows. Alive at once: the fp32 ``[V, H]`` weight-gradient
-    accumulator, the ``[N, H]`` hidden gradient, the current block (the previous one is freed
-    before the next GEMM), plus the row passes' temporaries: two fp32 blocks in the torch rows
-    (CPU), none in the Triton rows (CUDA); then the fp32 upcast of the block for the accumulating
-    GEMM (bf16 only). At the end the accumulator is cast once to the weight dtype (a second
-    ``[V, H]`` copy unless fp32).
+    """Peak bytes of ``weighted_logprob_loss`` on the fused path, which computes its gradients in
+    the forward: the kernel's extra memory (:func:`gem_fast.kernels.plan.plan_kernel`: one
+    ``[chunk, V]`` block, the torch rows' fp32 temporaries on the CPU, none in the Triton rows
+    on CUDA, per-token vectors), the ``[N, H]`` and ``[V, H]`` gradients it returns in the GEMM
+    dtype, and where the weights are fp32 under autocast (one GPU) their bf16 copies for the GEMMs.
     """
-    step = chunk_rows(tokens, vocab, torch.device(device))
-    rows = min(step, tokens)
-    block = rows * vocab * prec.compute
-    row_temporaries = 2 * rows * vocab * FP32 if device == "cpu" else 0
-    upcast = rows * vocab * FP32 if prec.compute != FP32 else 0
-    cast = vocab * hidden * prec.weight if prec.weight != FP32 else 0
-    accumulator = vocab * hidden * FP32
-    return accumulator + tokens * hidden * prec.residual + block + max(row_temporaries, upcast, cast)
+    backend = "triton" if device == "cuda" else "torch"
+    kernel = plan_kernel("weighted_loss", tokens, hidden, vocab, element_size=prec.compute,
+                         backend=backend, device_type=device)
+    gradients = (tokens + vocab) * hidden * prec.compute
+    autocast_copies = (tokens + vocab) * hidden * prec.compute if prec.weight != prec.compute else 0
+    return kernel.extra_bytes + gradients + autocast_copies
 
 
 @dataclass(frozen=True)
@@ -414,8 +391,8 @@ def plan_memory(shape: ModelShape, setup: Setup) -> Plan:
                     naive_loss_bytes(setup.positions, v, prec.compute))
     else:
         head_input_bytes += setup.scored * h * prec.residual
-        chunk = chunk_rows(setup.scored, v, torch.device(setup.device))
-        loss = Term(f"loss: fused, {setup.scored} rows in {chunk}-row chunks + fp32 dW",
+        chunk = chunk_rows(setup.scored, v, prec.compute, setup.device, BLOCK_BYTES[setup.device])
+        loss = Term(f"loss: fused, {setup.scored} rows in {chunk}-row chunks + dW",
                     fused_loss_bytes(setup.scored, h, v, prec, setup.device))
     head_input = Term("final norm + loss input hidden", head_input_bytes)
 
@@ -498,7 +475,8 @@ def _sampling_phases(shape: ModelShape, setup: Setup, static: tuple[Term, ...], 
     # masks, noise and log-noise; the entropy's torch rows (CPU) add two fp32 blocks of the logits.
     decode = rows * shape.vocab * (element + 6 * FP32 + 8 + 2 * BOOL)
     if setup.device == "cpu":
-        decode += 2 * FP32 * shape.vocab * chunk_rows(rows, shape.vocab, torch.device("cpu"))
+        decode += plan_kernel("entropy", rows, shape.hidden, shape.vocab, element_size=FP32, backend="torch",
+                              device_type="cpu").term("fp32 row temporaries")
     return [
         Phase("SEGA prefill", (*held, Term("prefill: one layer's working set + mask", prefill))),
         Phase("SEGA decode", (*held, Term("generated K/V of the k candidates",

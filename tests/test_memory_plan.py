@@ -16,6 +16,7 @@ import pytest
 
 from bench import memory_plan as bench_plan
 from gem_fast.kernels import chunked
+from gem_fast.kernels.plan import PER_TOKEN_BYTES
 from gem_fast.memory_plan import (
     GIB, PRESETS, Sampling, Setup, fused_loss_bytes, model_shape, naive_loss_bytes, plan_memory,
     precision, setup_from_train_config,
@@ -135,9 +136,9 @@ def test_fused_loss_follows_the_kernel_chunk_budget(monkeypatch):
     n, h, v = 4096, 256, 32768
     before = fused_loss_bytes(n, h, v, prec, "cpu")
     # Several chunks: the fp32 dW accumulator, dh, and three chunk blocks (the current one, two temporaries).
-    assert before == 4 * v * h + 4 * n * h + 3 * chunked.CHUNK_BYTES["cpu"]
-    budget = chunked.CHUNK_BYTES["cpu"]
-    monkeypatch.setitem(chunked.CHUNK_BYTES, "cpu", budget // 4)
+    assert before == 4 * v * h + 4 * n * h + 3 * chunked.BLOCK_BYTES["cpu"] + PER_TOKEN_BYTES * n
+    budget = chunked.BLOCK_BYTES["cpu"]
+    monkeypatch.setitem(chunked.BLOCK_BYTES, "cpu", budget // 4)
     assert fused_loss_bytes(n, h, v, prec, "cpu") == before - 3 * (budget - budget // 4)
 
 

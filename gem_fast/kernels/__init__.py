@@ -23,10 +23,18 @@ from types import ModuleType
 import torch
 
 from . import naive
-from .chunked import _EntropyFromLogits, _LinearLogprobEntropy, _WeightedLogprobLoss
+from .chunked import (
+    DW_ACCUMULATIONS,
+    ChunkPlan,
+    _EntropyFromLogits,
+    _LinearLogprobEntropy,
+    _WeightedLogprobLoss,
+    block_budget,
+)
 
 __all__ = [
     "BACKENDS",
+    "DW_ACCUMULATIONS",
     "entropy_from_logits",
     "fused_logprob_entropy",
     "resolve_backend",
@@ -126,6 +134,8 @@ def _prepare_linear(
 
 
 def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if targets.is_meta:  # shapes only (memory and FLOP traces): no values to check
+        return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if targets.is_cuda:
         # A device-side assert instead of a host sync: the check must not stall the stream.
@@ -144,7 +154,7 @@ def _autocast_inputs(
     casts are differentiable, so fp32 leaves (master weights) get their gradients as fp32 tensors
     (of bf16-rounded values, as ``nn.Linear`` under autocast)."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -173,6 +183,12 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, shape: torch.
     return values.new_zeros(shape.numel()).index_copy(0, rows, values).view(shape)
 
 
+def _chunk_plan(device: torch.device, block_bytes: int | None, dw_accumulation: str = "input") -> ChunkPlan:
+    if dw_accumulation not in DW_ACCUMULATIONS:
+        raise ValueError(f"dw_accumulation: expected one of {DW_ACCUMULATIONS}, got {dw_accumulation!r}")
+    return ChunkPlan(block_budget(device, block_bytes), dw_accumulation)
+
+
 def _check_token_weights(name: str, weights: torch.Tensor, targets: torch.Tensor) -> None:
     _check_float(name, weights)
     if tuple(weights.shape) != tuple(targets.shape):
@@ -190,6 +206,8 @@ def fused_logprob_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     drop_ignored_rows: bool = False,
+    block_bytes: int | None = None,
+    dw_accumulation: str = "input",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and softmax entropy (nats) per token, without [N, V] logits.
 
@@ -197,10 +215,14 @@ def fused_logprob_entropy(
     entropy)``, float32 of shape [...], differentiable w.r.t. hidden, weight and bias through
     both; rows whose target is ``ignore_index`` give 0 and pass no gradient.
     ``drop_ignored_rows``: skip those rows' GEMMs on the fused backends (one host sync).
+    ``block_bytes``: bytes of one ``[chunk, V]`` logits block (default $GEM_FAST_BLOCK_BYTES,
+    else 128 MiB on CUDA, 32 MiB elsewhere). ``dw_accumulation``: ``"input"`` adds dW up over
+    chunks in the weight's dtype, ``"fp32"`` in an fp32 ``[V, H]`` accumulator (4·V·H bytes).
     """
     backend, flat_hidden, flat_targets = _prepare_linear(
         hidden, weight, targets, bias, temperature, ignore_index, backend
     )
+    plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
     if backend == "naive":
         logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
         return logp.view(targets.shape), entropy.view(targets.shape)
@@ -208,7 +230,7 @@ def fused_logprob_entropy(
     flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     logp, entropy = _LinearLogprobEntropy.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows), temperature, ignore_index,
-        _row_ops(backend),
+        _row_ops(backend), plan,
     )
     return _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape)
 
@@ -225,6 +247,8 @@ def weighted_logprob_loss(
     entropy_weights: torch.Tensor | None = None,
     backend: str = "auto",
     drop_ignored_rows: bool = False,
+    block_bytes: int | None = None,
+    dw_accumulation: str = "input",
 ) -> torch.Tensor:
     """Scalar ``-Σ_t token_weights[t]·logp_t - Σ_t entropy_weights[t]·H_t`` over non-ignored tokens.
 
@@ -232,11 +256,12 @@ def weighted_logprob_loss(
     treated as constants (advantages, SFT masks, entropy-bonus coefficients: no gradient flows
     into them). The fused backends produce the gradients during the forward pass, one logit GEMM
     per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor.
-    ``drop_ignored_rows`` as in :func:`fused_logprob_entropy`.
+    ``drop_ignored_rows``, ``block_bytes``, ``dw_accumulation`` as in :func:`fused_logprob_entropy`.
     """
     backend, flat_hidden, flat_targets = _prepare_linear(
         hidden, weight, targets, bias, temperature, ignore_index, backend
     )
+    plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
     _check_token_weights("token_weights", token_weights, targets)
     if entropy_weights is None:
         entropy_weights = torch.zeros_like(token_weights, dtype=torch.float32)
@@ -251,17 +276,18 @@ def weighted_logprob_loss(
     flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
     return _WeightedLogprobLoss.apply(
         _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows),
-        _take_rows(w, rows), _take_rows(e, rows), temperature, ignore_index, _row_ops(backend), needs,
+        _take_rows(w, rows), _take_rows(e, rows), temperature, ignore_index, _row_ops(backend), needs, plan,
     )
 
 
 def entropy_from_logits(
-    logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
+    logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto", block_bytes: int | None = None
 ) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / T) over the last dim, one streaming pass per row.
 
     logits [..., V] (any float dtype) -> float32 [...]; differentiable. No probability tensor
-    is allocated on the fused backends.
+    is allocated on the fused backends; ``triton`` is one launch over all rows, ``torch`` works
+    in row chunks of ``block_bytes`` (as in :func:`fused_logprob_entropy`).
     """
     _check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -269,7 +295,8 @@ def entropy_from_logits(
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
     backend = resolve_backend(backend, logits.device)
+    budget = block_budget(logits.device, block_bytes)
     if backend == "naive":
         return naive.entropy_from_logits(logits, temperature)
     flat = logits.reshape(-1, logits.shape[-1])
-    return _EntropyFromLogits.apply(flat, temperature, _row_ops(backend)).view(logits.shape[:-1])
+    return _EntropyFromLogits.apply(flat, temperature, _row_ops(backend), budget).view(logits.shape[:-1])

@@ -1,31 +1,75 @@
 """Token-chunked linear + vocab-row passes and their autograd Functions (``torch``/``triton``).
 
 The logits of ``chunk`` tokens, a ``[chunk, V]`` block in the input dtype, exist one chunk at a
-time: the GEMMs go to the BLAS (cuBLAS on a GPU) and the vocab-wide reductions and the logit
+time: the GEMMs go to the BLAS (cuBLAS on a GPU) with operands in the input dtype (tensor cores
+for bf16/fp16; the GEMM accumulates in fp32 inside), and the vocab-wide reductions and the logit
 gradient to a row-ops module (:mod:`.torch_rows` or :mod:`.triton_rows`), which overwrites the
 block with its gradient in place. Nothing of size ``[N, V]`` is allocated.
 
 FLOPs with hidden N×H and weight V×H: ``_LinearLogprobEntropy`` spends 2NHV forward and 6NHV
 backward (it recomputes the logits); ``_WeightedLogprobLoss`` knows its per-token weights before
 the forward and spends 6NHV in the forward, leaving ``backward`` a scale of stored gradients.
+
+dW adds up over token chunks. ``dw_accumulation="input"`` (default) adds each chunk's product
+into a dW of the weight's dtype (``addmm`` into itself, as Liger-Kernel does): one rounding per
+chunk, no extra memory. ``"fp32"`` keeps an fp32 ``[V, H]`` accumulator fed by the same
+low-precision GEMMs (``out_dtype=float32``) and rounds once at the end: 4·V·H more bytes.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
 
-# Bytes of one chunk's logits block (counted as float32). Tests lower these to force many chunks.
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+# Bytes of one chunk's [rows, V] logits block, counted in the block's own dtype.
+BLOCK_BYTES = {"cuda": 128 * 2**20, "cpu": 32 * 2**20}
+BLOCK_BYTES_ENV = "GEM_FAST_BLOCK_BYTES"
+# Chunk rows are a multiple of this where the budget allows (a GEMM tile on CUDA). Tests lower it.
+ROW_MULTIPLE = {"cuda": 128}
+DW_ACCUMULATIONS = ("input", "fp32")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
 
 
-def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk so that a ``[chunk, vocab]`` float32 block fits the device's budget."""
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    return max(1, min(n_rows, budget // (4 * vocab)))
+class ChunkPlan(NamedTuple):
+    """How a call cuts its work: the block budget in bytes and how dW adds up over chunks."""
+
+    block_bytes: int
+    dw_accumulation: str = "input"
+
+
+def block_budget(device: torch.device, block_bytes: int | None = None) -> int:
+    """Bytes of one logits block: ``block_bytes`` if given, else $GEM_FAST_BLOCK_BYTES, else the
+    device default (128 MiB on CUDA, 32 MiB elsewhere)."""
+    if block_bytes is None:
+        raw = os.environ.get(BLOCK_BYTES_ENV)
+        if raw is None:
+            return BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"])
+        try:
+            block_bytes = int(raw)
+        except ValueError:
+            raise ValueError(f"{BLOCK_BYTES_ENV}: expected a number of bytes, got {raw!r}") from None
+        name = BLOCK_BYTES_ENV
+    else:
+        name = "block_bytes"
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
+        raise ValueError(f"{name}: expected a positive number of bytes, got {block_bytes!r}")
+    return block_bytes
+
+
+def chunk_rows(n_rows: int, vocab: int, element_size: int, device_type: str, block_bytes: int) -> int:
+    """Tokens per chunk so that a ``[chunk, vocab]`` block of ``element_size``-byte elements fits
+    ``block_bytes``, rounded down to the device's row multiple when at least one multiple fits."""
+    rows = block_bytes // (element_size * vocab)
+    multiple = ROW_MULTIPLE.get(device_type, 1)
+    if rows >= multiple:
+        rows -= rows % multiple
+    return max(1, min(n_rows, rows))
 
 
 class RowStats(NamedTuple):
@@ -42,6 +86,38 @@ class LinearGrads(NamedTuple):
 
 def _block_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+
+
+def _has_fp32_out_gemm(device: torch.device) -> bool:
+    # addmm(out_dtype=float32) on bf16/fp16 operands exists for CUDA (and meta) in recent torch.
+    return device.type in ("cuda", "meta") and "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+class _WeightGrad:
+    """dW = Σ_chunks d_block.T @ h, added up as ``dw_accumulation`` says (see the module doc)."""
+
+    def __init__(self, weight: torch.Tensor, dw_accumulation: str):
+        low = weight.dtype in _LOW_PRECISION
+        self.fp32 = dw_accumulation == "fp32" and low
+        self.dtype = weight.dtype
+        self.sum = torch.zeros(weight.shape, dtype=torch.float32 if self.fp32 else weight.dtype,
+                               device=weight.device)
+        self.upcast = self.fp32 and not _has_fp32_out_gemm(weight.device)
+        if self.upcast:
+            _log.warning("gem_fast.kernels: dw_accumulation='fp32' on %s upcasts each chunk's dW "
+                         "operands to fp32 (no float32-output GEMM for %s here)",
+                         weight.device.type, weight.dtype)
+
+    def add(self, d_block_t: torch.Tensor, h: torch.Tensor) -> None:
+        if not self.fp32:
+            self.sum.addmm_(d_block_t, h)
+        elif self.upcast:
+            self.sum.addmm_(d_block_t.float(), h.float())
+        else:
+            torch.addmm(self.sum, d_block_t, h, out_dtype=torch.float32, out=self.sum)
+
+    def result(self) -> torch.Tensor:
+        return self.sum.to(self.dtype) if self.fp32 else self.sum
 
 
 def autocast_off(fn: Callable) -> Callable:
@@ -65,6 +141,7 @@ def linear_pass(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     inv_temperature: float,
+    plan: ChunkPlan,
     *,
     stats: RowStats | None = None,
     grad_logp: torch.Tensor | None = None,
@@ -76,6 +153,8 @@ def linear_pass(
     hidden [N, H], weight [V, H], bias [V] or None, targets [N] (outside [0, V) = no target).
     ``stats`` None: computed here. ``needs`` = which of (hidden, weight, bias) get gradients for
     per-token upstream weights ``grad_logp``, ``grad_entropy`` ([N] float32; zero on ignored rows).
+    With both ``stats`` None and gradients needed, the row module computes the statistics and
+    the logit gradient of a block in one call (one kernel on the Triton backend).
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -83,46 +162,39 @@ def linear_pass(
     if compute_stats:
         stats = RowStats(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)))
     need_h, need_w, need_b = needs
-    # Weight and bias gradients add up over chunks: accumulate in fp32, round once at the end.
     d_hidden = torch.empty_like(hidden) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+    d_weight = _WeightGrad(weight, plan.dw_accumulation) if need_w else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
-    step = chunk_rows(n_rows, vocab, device)
+    step = chunk_rows(n_rows, vocab, hidden.element_size(), device.type, plan.block_bytes)
     for start in range(0, n_rows, step):
         # Drop the previous chunk's block (d_block aliases it) before the GEMM allocates the next.
         block = d_block = None
-        rows_slice = slice(start, min(start + step, n_rows))
-        h = hidden[rows_slice]
+        part = slice(start, min(start + step, n_rows))
+        h = hidden[part]
         block = _block_logits(h, weight, bias)
-        tgt = targets[rows_slice]
-        if compute_stats:
-            lse, ent, tz = rows.row_stats(block, tgt, inv_temperature)
-            stats.lse[rows_slice], stats.entropy[rows_slice] = lse, ent
-            stats.target_logit[rows_slice] = tz
+        tgt = targets[part]
         if not any(needs):
+            stats.lse[part], stats.entropy[part], stats.target_logit[part] = rows.row_stats(
+                block, tgt, inv_temperature)
             continue
-        d_block = rows.row_grad(
-            block, tgt, stats.lse[rows_slice], stats.entropy[rows_slice],
-            grad_logp[rows_slice], grad_entropy[rows_slice], inv_temperature, out=block,
-        )
+        if compute_stats:
+            (stats.lse[part], stats.entropy[part], stats.target_logit[part]), d_block = rows.row_stats_and_grad(
+                block, tgt, grad_logp[part], grad_entropy[part], inv_temperature, out=block)
+        else:
+            d_block = rows.row_grad(block, tgt, stats.lse[part], stats.entropy[part], grad_logp[part],
+                                    grad_entropy[part], inv_temperature, out=block)
         if need_h:
-            torch.mm(d_block, weight, out=d_hidden[rows_slice])
+            torch.mm(d_block, weight, out=d_hidden[part])
         if need_w:
-            _accumulate_mm(d_weight, d_block.T, h)
+            d_weight.add(d_block.T, h)
         if need_b:
             d_bias += d_block.sum(0, dtype=torch.float32)
     grads = LinearGrads(
         d_hidden,
-        d_weight.to(weight.dtype) if need_w else None,
+        d_weight.result() if need_w else None,
         d_bias.to(bias.dtype) if need_b else None,
     )
     return stats, grads
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b with one rounding in all: a bf16 product per chunk would round
-    every chunk's contribution before the sum. Low-precision operands are upcast chunk-wise."""
-    acc.addmm_(a.float(), b.float())
 
 
 def _row_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,12 +204,12 @@ def _row_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows):
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows, plan):
         row_targets, valid = _row_targets(targets, ignore_index)
         inv_t = 1.0 / temperature
-        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, inv_t)
+        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, inv_t, plan)
         ctx.save_for_backward(hidden, weight, bias, row_targets, valid, stats.lse, stats.entropy)
-        ctx.inv_t, ctx.rows = inv_t, rows
+        ctx.inv_t, ctx.rows, ctx.plan = inv_t, rows, plan
         logp = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         return logp, torch.where(valid, stats.entropy, 0.0)
 
@@ -149,24 +221,24 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         g_lp = torch.where(valid, grad_logp.float(), zero) if grad_logp is not None else valid * zero
         g_h = torch.where(valid, grad_entropy.float(), zero) if grad_entropy is not None else valid * zero
         _, grads = linear_pass(
-            ctx.rows, hidden, weight, bias, row_targets, ctx.inv_t,
+            ctx.rows, hidden, weight, bias, row_targets, ctx.inv_t, ctx.plan,
             stats=RowStats(lse, entropy, None), grad_logp=g_lp, grad_entropy=g_h,
             needs=tuple(ctx.needs_input_grad[:3]),
         )
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
 
 
 class _WeightedLogprobLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weights, entropy_weights, temperature,
-                ignore_index, rows, needs):
+                ignore_index, rows, needs, plan):
         row_targets, valid = _row_targets(targets, ignore_index)
         # loss = -Σ w·logp - Σ e·H, so the upstream weights of logp and H are -w and -e.
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_lp = torch.where(valid, -token_weights.float(), zero)
         g_h = torch.where(valid, -entropy_weights.float(), zero)
         stats, grads = linear_pass(
-            rows, hidden, weight, bias, row_targets, 1.0 / temperature,
+            rows, hidden, weight, bias, row_targets, 1.0 / temperature, plan,
             grad_logp=g_lp, grad_entropy=g_h, needs=needs,
         )
         ctx.save_for_backward(*(g for g in grads if g is not None))
@@ -183,20 +255,20 @@ class _WeightedLogprobLoss(torch.autograd.Function):
         ctx.consumed = True
         stored = iter(ctx.saved_tensors)
         scaled = [next(stored).mul_(grad_loss) if has else None for has in ctx.has_grad]
-        return (*scaled, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
 
 class _EntropyFromLogits(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, logits, temperature, rows):
+    def forward(ctx, logits, temperature, rows, block_bytes):
         inv_t = 1.0 / temperature
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(lse)
-        for part in _row_chunks(logits):
+        for part in _row_chunks(logits, rows, block_bytes):
             lse[part], entropy[part], _ = rows.row_stats(logits[part], None, inv_t)
         ctx.save_for_backward(logits, lse, entropy)
-        ctx.inv_t, ctx.rows = inv_t, rows
+        ctx.inv_t, ctx.rows, ctx.block_bytes = inv_t, rows, block_bytes
         return entropy
 
     @staticmethod
@@ -205,14 +277,17 @@ class _EntropyFromLogits(torch.autograd.Function):
         logits, lse, entropy = ctx.saved_tensors
         d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         grad_entropy = grad_entropy.float()
-        for part in _row_chunks(logits):
+        for part in _row_chunks(logits, ctx.rows, ctx.block_bytes):
             ctx.rows.row_grad(logits[part], None, lse[part], entropy[part], None, grad_entropy[part],
                               ctx.inv_t, out=d_logits[part])
-        return d_logits, None, None
+        return d_logits, None, None, None
 
 
-def _row_chunks(logits: torch.Tensor) -> list[slice]:
-    """Row slices of ``logits`` [R, V] sized like the linear path's chunks (bounded temporaries)."""
+def _row_chunks(logits: torch.Tensor, rows: ModuleType, block_bytes: int) -> list[slice]:
+    """Row slices of ``logits`` [R, V]: one launch over all rows where the row module streams the
+    vocabulary in registers (Triton), block-sized slices where it allocates per-row temporaries."""
     n_rows, vocab = logits.shape
-    step = chunk_rows(n_rows, vocab, logits.device)
+    if rows.STREAMS_ROWS:
+        return [slice(0, n_rows)]
+    step = chunk_rows(n_rows, vocab, logits.element_size(), logits.device.type, block_bytes)
     return [slice(start, start + step) for start in range(0, n_rows, step)]

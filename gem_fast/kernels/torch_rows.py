@@ -2,20 +2,32 @@
 
 Same contract as :mod:`gem_fast.kernels.triton_rows`: ``logits`` is a ``[R, V]`` block of raw
 logits (bias included, temperature not yet applied), work happens in float32 whatever its dtype.
-Every function allocates at most two block-sized temporaries (in-place ops otherwise): on a CPU
-these passes over memory, not the FLOPs, are what the chunked path pays beyond the GEMMs.
+Every function works on row slices whose float32 copy is no larger than the block itself (half
+the rows of a bf16 block) and allocates at most two such temporaries (in-place ops otherwise):
+on a CPU these passes over memory, not the FLOPs, are what the chunked path pays beyond the GEMMs.
 """
 
 from __future__ import annotations
 
 import torch
 
+# The functions allocate per-row temporaries, so callers hand them block-sized row chunks.
+STREAMS_ROWS = False
+
+
+def _slices(logits: torch.Tensor) -> list[slice]:
+    """Row slices whose float32 working copy takes no more bytes than the slice of ``logits``
+    they came from takes in the whole block (float64 stays float64: the tests' reference)."""
+    n_rows = logits.shape[0]
+    step = max(1, n_rows * logits.element_size() // 4)
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
+
 
 def _scaled_finite(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     # A fresh float copy (float64 input stays float64: tests use it as the reference). -inf
     # logits (masked vocabulary) become the most negative finite value: exp gives exactly 0 and
     # products with a zero probability stay 0 instead of 0 * -inf = nan.
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * inv_temperature
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True).mul_(inv_temperature)
     return z.clamp_(min=torch.finfo(z.dtype).min)
 
 
@@ -27,6 +39,17 @@ def row_stats(
     logits [R, V]; targets [R] int64 or None (a target outside [0, V) matches nothing and gives
     target logit 0). Returns three float32 [R] tensors (the last is None without targets).
     """
+    parts = [_row_stats(logits[part], None if targets is None else targets[part], inv_temperature)
+             for part in _slices(logits)]
+    if len(parts) == 1:
+        return parts[0]
+    lse, entropy, target_logit = zip(*parts)
+    return torch.cat(lse), torch.cat(entropy), None if targets is None else torch.cat(target_logit)
+
+
+def _row_stats(
+    logits: torch.Tensor, targets: torch.Tensor | None, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     z = _scaled_finite(logits, inv_temperature)
     target_logit = None
     if targets is not None:
@@ -61,6 +84,37 @@ def row_grad(
     With z = logits * inv_temperature and p = softmax(z):
     dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)); d(logits) = dz * inv_temperature.
     """
+    for part in _slices(logits):
+        _row_grad(logits[part], None if targets is None else targets[part], lse[part], entropy[part],
+                  None if grad_logp is None else grad_logp[part], grad_entropy[part], inv_temperature,
+                  out[part])
+    return out
+
+
+def row_stats_and_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    inv_temperature: float,
+    out: torch.Tensor,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`row_stats` then :func:`row_grad` on the same block: ``((lse, entropy, target
+    logit), out)``, for losses whose upstream weights are known before the forward."""
+    stats = row_stats(logits, targets, inv_temperature)
+    return stats, row_grad(logits, targets, stats[0], stats[1], grad_logp, grad_entropy, inv_temperature, out)
+
+
+def _row_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor,
+    inv_temperature: float,
+    out: torch.Tensor,
+) -> None:
     z = _scaled_finite(logits, inv_temperature)
     dtype = z.dtype
     p = (z - lse[:, None].to(dtype)).exp_()
@@ -74,4 +128,4 @@ def row_grad(
             torch.where(in_range, grad_logp.to(dtype), 0.0),
             accumulate=True,
         )
-    return out.copy_(d_z.mul_(inv_temperature))
+    out.copy_(d_z.mul_(inv_temperature))

@@ -4,7 +4,8 @@ One kernel family: each program owns ``BLOCK_R`` rows and streams the vocabulary
 ``BLOCK_V`` tiles, keeping the online softmax statistics (running max ``m``, ``s = Σ e^{z-m}``,
 ``t = Σ e^{z-m} (z-m)``) in fp32 registers, so no probability tensor is ever written.
 ``row_stats`` gives log-sum-exp, entropy and the target logit; ``row_grad`` writes the logit
-gradient tile by tile (in place when ``out`` is the logits block).
+gradient tile by tile (in place when ``out`` is the logits block); ``row_stats_and_grad`` does
+both in one kernel, the second sweep of a row reading it back from L2 rather than HBM.
 
 On a machine without CUDA this module must be imported with ``TRITON_INTERPRET=1`` set.
 """
@@ -17,18 +18,15 @@ import triton.language as tl
 
 # Upper bound on the vocab tile. Tests lower it to force several ragged tiles on small vocabs.
 MAX_BLOCK_V = 4096
+# The kernels hold a row's statistics in registers and allocate nothing per row, so a whole
+# logits tensor goes in one launch.
+STREAMS_ROWS = True
 
 
 @triton.jit
-def _row_stats_kernel(
-    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, R, V, inv_t,
-    HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    row_base = z_ptr + rows.to(tl.int64)[:, None] * stride_z
-    if HAS_TARGET:
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+def _online_stats(row_base, row_ok, tgt, V, inv_t,
+                  HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(lse, entropy, target logit) of BLOCK_R rows of z = logits * inv_t, one sweep over V."""
     # -inf start (not 0): all-negative logits must not be clipped at exp(0 - 0).
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
@@ -51,10 +49,7 @@ def _row_stats_kernel(
         m = m_new
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_ok)
-    tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_ok)
-    if HAS_TARGET:
-        tl.store(tz_ptr + rows, tz, mask=row_ok)
+    return m + tl.log(s), tl.log(s) - t / s, tz
 
 
 @triton.jit
@@ -67,6 +62,43 @@ def _round_to_bfloat16(x):
 
 
 @triton.jit
+def _write_grad(row_base, out_base, row_ok, tgt, lse, entropy, g_lp, g_h, V, inv_t,
+                HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
+    """d(logits) = inv_t · (g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H))), tile by tile."""
+    mean_z = lse - entropy
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        z = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_t
+        p = tl.exp(z - lse[:, None])
+        dz = -g_h[:, None] * tl.where(p > 0, p * (z - mean_z[:, None]), 0.0)
+        if HAS_TARGET:
+            dz += g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        d_logits = dz * inv_t
+        if out_base.dtype.element_ty == tl.bfloat16:
+            d_logits = _round_to_bfloat16(d_logits)
+        tl.store(out_base + cols[None, :], d_logits, mask=ok)
+
+
+@triton.jit
+def _row_stats_kernel(
+    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, R, V, inv_t,
+    HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    tgt = rows  # unused without targets
+    if HAS_TARGET:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    lse, ent, tz = _online_stats(z_ptr + rows.to(tl.int64)[:, None] * stride_z, row_ok, tgt, V, inv_t,
+                                 HAS_TARGET, BLOCK_R, BLOCK_V)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(ent_ptr + rows, ent, mask=row_ok)
+    if HAS_TARGET:
+        tl.store(tz_ptr + rows, tz, mask=row_ok)
+
+
+@triton.jit
 def _row_grad_kernel(
     z_ptr, stride_z, out_ptr, stride_out, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, R, V, inv_t,
     HAS_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -75,24 +107,34 @@ def _row_grad_kernel(
     row_ok = rows < R
     rows64 = rows.to(tl.int64)[:, None]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    mean_z = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     g_h = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
+    tgt, g_lp = rows, g_h  # unused without targets
     if HAS_TARGET:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        ok = row_ok[:, None] & (cols < V)[None, :]
-        z = tl.load(z_ptr + rows64 * stride_z + cols[None, :], mask=ok, other=float("-inf"))
-        z = z.to(tl.float32) * inv_t
-        p = tl.exp(z - lse[:, None])
-        dz = -g_h[:, None] * tl.where(p > 0, p * (z - mean_z[:, None]), 0.0)
-        if HAS_TARGET:
-            dz += g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
-        d_logits = dz * inv_t
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            d_logits = _round_to_bfloat16(d_logits)
-        tl.store(out_ptr + rows64 * stride_out + cols[None, :], d_logits, mask=ok)
+    _write_grad(z_ptr + rows64 * stride_z, out_ptr + rows64 * stride_out, row_ok, tgt, lse, ent, g_lp, g_h,
+                V, inv_t, HAS_TARGET, BLOCK_V)
+
+
+@triton.jit
+def _row_stats_and_grad_kernel(
+    z_ptr, stride_z, out_ptr, stride_out, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, glp_ptr, gh_ptr, R, V, inv_t,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    rows64 = rows.to(tl.int64)[:, None]
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    row_base = z_ptr + rows64 * stride_z
+    lse, ent, tz = _online_stats(row_base, row_ok, tgt, V, inv_t, True, BLOCK_R, BLOCK_V)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(ent_ptr + rows, ent, mask=row_ok)
+    tl.store(tz_ptr + rows, tz, mask=row_ok)
+    g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    g_h = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
+    _write_grad(row_base, out_ptr + rows64 * stride_out, row_ok, tgt, lse, ent, g_lp, g_h,
+                V, inv_t, True, BLOCK_V)
 
 
 def _launch_config(logits: torch.Tensor) -> tuple[int, int, int]:
@@ -105,6 +147,11 @@ def _launch_config(logits: torch.Tensor) -> tuple[int, int, int]:
 
 def _unit_stride(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def _check_out(out: torch.Tensor) -> None:
+    if out.stride(1) != 1:
+        raise ValueError("out: the vocab dimension must have unit stride")
 
 
 def row_stats(
@@ -146,8 +193,7 @@ def row_grad(
     dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)), d(logits) = dz * inv_temperature.
     """
     logits = _unit_stride(logits)
-    if out.stride(1) != 1:
-        raise ValueError("out: the vocab dimension must have unit stride")
+    _check_out(out)
     n_rows, vocab = logits.shape
     block_r, block_v, warps = _launch_config(logits)
     has_target = targets is not None
@@ -161,3 +207,28 @@ def row_grad(
         HAS_TARGET=has_target, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
     )
     return out
+
+
+def row_stats_and_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    inv_temperature: float,
+    out: torch.Tensor,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Statistics and logit gradient of a block in one kernel: ``((lse, entropy, target logit),
+    out)``, for losses whose upstream weights are known before the forward. ``out`` may alias
+    ``logits`` (each row is read twice before it is written)."""
+    logits = _unit_stride(logits)
+    _check_out(out)
+    n_rows, vocab = logits.shape
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy, target_logit = torch.empty_like(lse), torch.empty_like(lse)
+    block_r, block_v, warps = _launch_config(logits)
+    _row_stats_and_grad_kernel[(triton.cdiv(n_rows, block_r),)](
+        logits, logits.stride(0), out, out.stride(0), targets.contiguous(), lse, entropy, target_logit,
+        grad_logp.contiguous(), grad_entropy.contiguous(), n_rows, vocab, inv_temperature,
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+    )
+    return (lse, entropy, target_logit), out
