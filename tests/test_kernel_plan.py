@@ -56,7 +56,7 @@ def test_torch_backend_at_the_goal_shape_keeps_the_gpu_rules(monkeypatch, op, dw
     assert {g.dtypes for g in trace.gemms} == {(torch.bfloat16, torch.bfloat16)}
     assert trace.gemm_flops == pytest.approx(FLOPS_PER_NHV[op] * n * h * v, rel=0.03)
     # Chunks of 512 rows (4 GEMM tiles of 128): 523 bf16 rows fit the 128 MiB budget.
-    assert trace.gemms[0].flops == 2 * 512 * h * v
+    assert max(g.flops for g in trace.gemms) == 2 * 512 * h * v
     weight_shaped_fp32 = [a for a in trace.allocations
                           if a.dtype == torch.float32 and h in a.shape and max(a.shape) >= v // 8]
     assert len(weight_shaped_fp32) == (1 if dw_accumulation == "fp32" else 0)

@@ -88,9 +88,25 @@ def _block_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
 
 
-def _has_fp32_out_gemm(device: torch.device) -> bool:
-    # addmm(out_dtype=float32) on bf16/fp16 operands exists for CUDA (and meta) in recent torch.
-    return device.type in ("cuda", "meta") and "dtype_out" in torch.ops.aten.addmm.overloads()
+@functools.cache
+def _fp32_accumulating_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``addmm(fp32 acc, a, b, out_dtype=float32, out=acc)`` runs for ``dtype`` operands
+    here: CUDA in recent torch (earlier versions want the addend in the operands' dtype), not
+    the CPU. Probed once on a 1x1 GEMM (no host sync: a refusal is raised before any launch)."""
+    device = torch.device(device_type)
+    acc = torch.zeros(1, 1, device=device)
+    one = torch.ones(1, 1, dtype=dtype, device=device)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+@functools.cache
+def _warn_upcast(device_type: str, dtype: torch.dtype) -> None:
+    _log.warning("gem_fast.kernels: dw_accumulation='fp32' on %s upcasts each chunk's dW operands to "
+                 "fp32: this torch has no float32-accumulating GEMM for %s here", device_type, dtype)
 
 
 class _WeightGrad:
@@ -102,11 +118,9 @@ class _WeightGrad:
         self.dtype = weight.dtype
         self.sum = torch.zeros(weight.shape, dtype=torch.float32 if self.fp32 else weight.dtype,
                                device=weight.device)
-        self.upcast = self.fp32 and not _has_fp32_out_gemm(weight.device)
+        self.upcast = self.fp32 and not _fp32_accumulating_addmm(weight.device.type, weight.dtype)
         if self.upcast:
-            _log.warning("gem_fast.kernels: dw_accumulation='fp32' on %s upcasts each chunk's dW "
-                         "operands to fp32 (no float32-output GEMM for %s here)",
-                         weight.device.type, weight.dtype)
+            _warn_upcast(weight.device.type, weight.dtype)
 
     def add(self, d_block_t: torch.Tensor, h: torch.Tensor) -> None:
         if not self.fp32:
