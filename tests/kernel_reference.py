@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def logprob_entropy_f64(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
-    """(logp, entropy) in float64 from the exact softmax of (hidden @ weight.T + bias) / T."""
+def logprob_entropy_f64(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,
+                        logit_scale=1.0, logit_softcap=None):
+    """(logp, entropy) in float64 from the exact softmax of z / T, where z = scale·(hidden @ weight.T
+    + bias), soft-capped to cap·tanh(z / cap) when a cap is given."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
+    z = z * logit_scale
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
     z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

@@ -99,6 +99,62 @@ def test_logprob_entropy_matches_float64(backend, drop, case):
         assert all(torch.all(g == 0) for g in grads)
 
 
+@pytest.mark.parametrize("scale, softcap", [(0.0625, None), (1.0, 3.0), (0.5, 2.0)], ids=["cohere", "gemma", "both"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_scale_and_softcap_match_float64(backend, scale, softcap):
+    # Logits of std ~2 (+ bias ~1): a cap of 2-3 bends most of them, ragged tiles and chunks included.
+    hidden, weight, bias, targets = make_inputs("basic")
+    kwargs = dict(bias=bias, temperature=0.7, logit_scale=scale, logit_softcap=softcap)
+    logp, entropy = fused_logprob_entropy(hidden, weight, targets, backend=backend, **kwargs)
+    ref = logprob_entropy_f64(hidden, weight, targets, bias, 0.7, logit_scale=scale, logit_softcap=softcap)
+    close(logp, ref[0], scale=ref[0].abs().max().item() + 1)
+    close(entropy, ref[1])
+    g_logp, g_entropy = upstream(targets.shape, 1), upstream(targets.shape, 2)
+    grads = torch.autograd.grad((logp, entropy), (hidden, weight, bias), (g_logp, g_entropy))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight, bias), (g_logp, g_entropy), retain_graph=True)
+    for got, want in zip(grads, ref_grads):
+        close(got, want, scale=want.abs().max().item() + 1e-3)
+    loss = weighted_logprob_loss(hidden, weight, targets, g_logp, entropy_weights=g_entropy, backend=backend, **kwargs)
+    expected = -(g_logp * ref[0]).sum() - (g_entropy * ref[1]).sum()
+    close(loss, expected, scale=expected.abs().item() + 1)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight, bias)), torch.autograd.grad(expected, (hidden, weight, bias))):
+        close(got, want, scale=want.abs().max().item() + 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_run_in_the_wider_one(backend):
+    """A bf16 hidden with an fp32 head (TRL's cast_lm_head_to_fp32): fp32 accuracy on the bf16
+    values, and each gradient in its own input's dtype."""
+    hidden, weight, bias, targets = make_inputs("basic")
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend=backend)
+    ref = logprob_entropy_f64(hidden, weight, targets, bias)
+    close(logp, ref[0], scale=ref[0].abs().max().item() + 1)
+    close(entropy, ref[1])
+    d_hidden, d_weight, d_bias = torch.autograd.grad((logp + entropy).sum(), (hidden, weight, bias))
+    assert (d_hidden.dtype, d_weight.dtype, d_bias.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    (want,) = torch.autograd.grad((ref[0] + ref[1]).sum(), weight)
+    close(d_weight, want, scale=want.abs().max().item())
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_loss_returns_the_stats_of_its_own_pass(backend, drop):
+    hidden, weight, bias, targets = make_inputs("basic")
+    w = upstream(targets.shape, 3)
+    out = weighted_logprob_loss(hidden, weight, targets, w, bias=bias, backend=backend, drop_ignored_rows=drop,
+                                return_stats=True)
+    logp, entropy = fused_logprob_entropy(hidden, weight, targets, bias=bias, backend="naive")
+    assert isinstance(out, K.LossWithStats) and not (out.logp.requires_grad or out.entropy.requires_grad)
+    assert out.logp.shape == out.entropy.shape == targets.shape
+    close(out.logp, logp.detach(), scale=logp.abs().max().item() + 1)
+    close(out.entropy, entropy.detach())
+    close(out.loss, -(w * logp).sum(), scale=(w * logp).abs().sum().item())
+    (d_hidden,) = torch.autograd.grad(out.loss, hidden)
+    (want,) = torch.autograd.grad(-(w * logp).sum(), hidden)
+    close(d_hidden, want, scale=want.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_pass_no_gradient(backend):
     hidden, weight, bias, targets = make_inputs("basic")
@@ -338,6 +394,8 @@ def _bad_calls():
     yield "entropy_weights", lambda: weighted_logprob_loss(hidden, weight, targets, w, entropy_weights=w[1:])
     yield "logits", lambda: entropy_from_logits(torch.ones(3, 4, dtype=torch.long))
     yield "logits", lambda: entropy_from_logits(torch.ones(3, 0))
+    yield "logit_scale", lambda: call(hidden, weight, targets, logit_scale=0.0)
+    yield "logit_softcap", lambda: weighted_logprob_loss(hidden, weight, targets, w, logit_softcap=-30.0)
     yield "block_bytes", lambda: call(hidden, weight, targets, block_bytes=0)
     yield "block_bytes", lambda: entropy_from_logits(hidden, block_bytes=2.5)
     yield "dw_accumulation", lambda: call(hidden, weight, targets, dw_accumulation="bf16")

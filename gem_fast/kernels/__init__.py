@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 from . import naive
+from .logit_map import LogitMap
 from .chunked import (
     DW_ACCUMULATIONS,
     ChunkPlan,
@@ -35,6 +38,7 @@ from .chunked import (
 __all__ = [
     "BACKENDS",
     "DW_ACCUMULATIONS",
+    "LossWithStats",
     "entropy_from_logits",
     "fused_logprob_entropy",
     "resolve_backend",
@@ -91,6 +95,8 @@ def _check_linear_inputs(
     bias: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    logit_scale: float,
+    logit_softcap: float | None,
 ) -> None:
     _check_float("hidden", hidden)
     _check_float("weight", weight)
@@ -115,7 +121,22 @@ def _check_linear_inputs(
     _check_same_device(hidden.device, weight=weight, targets=targets, bias=bias)
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale: must be a finite number > 0, got {logit_scale!r}")
+    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0):
+        raise ValueError(f"logit_softcap: must be None or a number > 0, got {logit_softcap!r}")
     _check_targets_in_range(targets, weight.shape[0], ignore_index)
+
+
+class _Linear(NamedTuple):
+    """A validated call: backend, the GEMM operands (flattened, one dtype) and the logit map."""
+
+    backend: str
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    targets: torch.Tensor  # [N] int64
+    logit_map: LogitMap
 
 
 def _prepare_linear(
@@ -126,11 +147,15 @@ def _prepare_linear(
     temperature: float,
     ignore_index: int,
     backend: str,
-) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """Validate, resolve the backend and flatten: -> (backend, hidden [N, H], targets [N] int64)."""
-    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    logit_scale: float,
+    logit_softcap: float | None,
+) -> _Linear:
+    """Validate, resolve the backend, flatten and bring the GEMM operands to one dtype."""
+    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, logit_scale, logit_softcap)
     backend = resolve_backend(backend, hidden.device)
-    return backend, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    flat_hidden, weight, bias = _gemm_operands(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    logit_map = LogitMap(1.0 / temperature, float(logit_scale), None if logit_softcap is None else float(logit_softcap))
+    return _Linear(backend, flat_hidden, weight, bias, targets.reshape(-1).long(), logit_map)
 
 
 def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -147,16 +172,20 @@ def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int
         )
 
 
-def _autocast_inputs(
+def _gemm_operands(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Inside ``torch.autocast`` the logit GEMM takes the autocast dtype, as ``nn.Linear`` would; the
-    casts are differentiable, so fp32 leaves (master weights) get their gradients as fp32 tensors
-    (of bf16-rounded values, as ``nn.Linear`` under autocast)."""
+    """One dtype for the logit GEMM. Inside ``torch.autocast`` the autocast dtype, as ``nn.Linear``
+    would take: fp32 leaves (master weights) get fp32 gradient tensors of bf16-rounded values.
+    Otherwise the widest of the inputs' dtypes (a bf16 hidden with an fp32 ``lm_head``, as TRL's
+    ``cast_lm_head_to_fp32`` makes it, runs in fp32). The casts are differentiable, so each input's
+    gradient comes back in its own dtype."""
     device_type = hidden.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        dtype = dtype if bias is None else torch.promote_types(dtype, bias.dtype)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -203,6 +232,8 @@ def fused_logprob_entropy(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     drop_ignored_rows: bool = False,
@@ -211,28 +242,39 @@ def fused_logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and softmax entropy (nats) per token, without [N, V] logits.
 
-    hidden [..., H], weight [V, H], targets [...] int64, bias [V] or None. Returns ``(logp,
+    hidden [..., H], weight [V, H], targets [...] int64, bias [V] or None. The softmax sees
+    z = softcap·tanh(scale·(W h + b) / softcap) / T (``logit_softcap`` None: scale·(W h + b) / T;
+    Gemma-2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``). Returns ``(logp,
     entropy)``, float32 of shape [...], differentiable w.r.t. hidden, weight and bias through
-    both; rows whose target is ``ignore_index`` give 0 and pass no gradient.
+    both; rows whose target is ``ignore_index`` give 0 and pass no gradient. Mixed input dtypes
+    run in the widest; each gradient comes back in its input's dtype.
     ``drop_ignored_rows``: skip those rows' GEMMs on the fused backends (one host sync).
     ``block_bytes``: bytes of one ``[chunk, V]`` logits block (default $GEM_FAST_BLOCK_BYTES,
     else 128 MiB on CUDA, 32 MiB elsewhere). ``dw_accumulation``: ``"input"`` adds dW up over
     chunks in the weight's dtype, ``"fp32"`` in an fp32 ``[V, H]`` accumulator (4·V·H bytes).
     """
-    backend, flat_hidden, flat_targets = _prepare_linear(
-        hidden, weight, targets, bias, temperature, ignore_index, backend
-    )
+    call = _prepare_linear(hidden, weight, targets, bias, temperature, ignore_index, backend,
+                           logit_scale, logit_softcap)
     plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
-    if backend == "naive":
-        logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
+    if call.backend == "naive":
+        logp, entropy = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
+                                              ignore_index)
         return logp.view(targets.shape), entropy.view(targets.shape)
-    rows = _valid_rows(flat_targets, ignore_index, drop_ignored_rows)
-    flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
+    rows = _valid_rows(call.targets, ignore_index, drop_ignored_rows)
     logp, entropy = _LinearLogprobEntropy.apply(
-        _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows), temperature, ignore_index,
-        _row_ops(backend), plan,
+        _take_rows(call.hidden, rows), call.weight, call.bias, _take_rows(call.targets, rows), call.logit_map,
+        ignore_index, _row_ops(call.backend), plan,
     )
     return _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape)
+
+
+class LossWithStats(NamedTuple):
+    """:func:`weighted_logprob_loss` with ``return_stats=True``: the loss and, from the same pass,
+    per-token log-probs and entropies (float32, shaped like targets, no gradient)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
 
 
 def weighted_logprob_loss(
@@ -243,41 +285,50 @@ def weighted_logprob_loss(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     ignore_index: int = -100,
     entropy_weights: torch.Tensor | None = None,
     backend: str = "auto",
     drop_ignored_rows: bool = False,
     block_bytes: int | None = None,
     dw_accumulation: str = "input",
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | LossWithStats:
     """Scalar ``-Σ_t token_weights[t]·logp_t - Σ_t entropy_weights[t]·H_t`` over non-ignored tokens.
 
-    Shapes as :func:`fused_logprob_entropy`; token_weights / entropy_weights [...] like targets,
-    treated as constants (advantages, SFT masks, entropy-bonus coefficients: no gradient flows
-    into them). The fused backends produce the gradients during the forward pass, one logit GEMM
-    per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor.
+    Shapes and logits as :func:`fused_logprob_entropy`; token_weights / entropy_weights [...] like
+    targets, treated as constants (advantages, SFT masks, entropy-bonus coefficients: no gradient
+    flows into them). The fused backends produce the gradients during the forward pass, one logit
+    GEMM per chunk, so ``backward`` only scales them. Returns a float32 0-dim tensor, or with
+    ``return_stats`` a :class:`LossWithStats` (logging log-probs or entropy costs no second pass).
     ``drop_ignored_rows``, ``block_bytes``, ``dw_accumulation`` as in :func:`fused_logprob_entropy`.
     """
-    backend, flat_hidden, flat_targets = _prepare_linear(
-        hidden, weight, targets, bias, temperature, ignore_index, backend
-    )
+    call = _prepare_linear(hidden, weight, targets, bias, temperature, ignore_index, backend,
+                           logit_scale, logit_softcap)
     plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
     _check_token_weights("token_weights", token_weights, targets)
     if entropy_weights is None:
         entropy_weights = torch.zeros_like(token_weights, dtype=torch.float32)
     _check_token_weights("entropy_weights", entropy_weights, targets)
     w, e = token_weights.detach().reshape(-1), entropy_weights.detach().reshape(-1)
-    if backend == "naive":
-        logp, entropy = naive.logprob_entropy(flat_hidden, weight, flat_targets, bias, temperature, ignore_index)
-        return -(w.float() * logp).sum() - (e.float() * entropy).sum()
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    rows = _valid_rows(flat_targets, ignore_index, drop_ignored_rows)
-    flat_hidden, weight, bias = _autocast_inputs(flat_hidden, weight, bias)
-    return _WeightedLogprobLoss.apply(
-        _take_rows(flat_hidden, rows), weight, bias, _take_rows(flat_targets, rows),
-        _take_rows(w, rows), _take_rows(e, rows), temperature, ignore_index, _row_ops(backend), needs, plan,
-    )
+    if call.backend == "naive":
+        logp, entropy = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
+                                              ignore_index)
+        loss = -(w.float() * logp).sum() - (e.float() * entropy).sum()
+    else:
+        grad_on = torch.is_grad_enabled()
+        needs = tuple(grad_on and t is not None and t.requires_grad for t in (call.hidden, call.weight, call.bias))
+        rows = _valid_rows(call.targets, ignore_index, drop_ignored_rows)
+        loss, logp, entropy = _WeightedLogprobLoss.apply(
+            _take_rows(call.hidden, rows), call.weight, call.bias, _take_rows(call.targets, rows),
+            _take_rows(w, rows), _take_rows(e, rows), call.logit_map, ignore_index, _row_ops(call.backend),
+            needs, plan,
+        )
+        logp, entropy = _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape)
+    if not return_stats:
+        return loss
+    return LossWithStats(loss, logp.detach().view(targets.shape), entropy.detach().view(targets.shape))
 
 
 def entropy_from_logits(
@@ -299,4 +350,5 @@ def entropy_from_logits(
     if backend == "naive":
         return naive.entropy_from_logits(logits, temperature)
     flat = logits.reshape(-1, logits.shape[-1])
-    return _EntropyFromLogits.apply(flat, temperature, _row_ops(backend), budget).view(logits.shape[:-1])
+    return _EntropyFromLogits.apply(flat, LogitMap(1.0 / temperature), _row_ops(backend), budget).view(
+        logits.shape[:-1])

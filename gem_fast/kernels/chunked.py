@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .logit_map import LogitMap
+
 # Bytes of one chunk's [rows, V] logits block, counted in the block's own dtype.
 BLOCK_BYTES = {"cuda": 128 * 2**20, "cpu": 32 * 2**20}
 BLOCK_BYTES_ENV = "GEM_FAST_BLOCK_BYTES"
@@ -154,7 +156,7 @@ def linear_pass(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    inv_temperature: float,
+    logit_map: LogitMap,
     plan: ChunkPlan,
     *,
     stats: RowStats | None = None,
@@ -189,14 +191,14 @@ def linear_pass(
         tgt = targets[part]
         if not any(needs):
             stats.lse[part], stats.entropy[part], stats.target_logit[part] = rows.row_stats(
-                block, tgt, inv_temperature)
+                block, tgt, logit_map)
             continue
         if compute_stats:
             (stats.lse[part], stats.entropy[part], stats.target_logit[part]), d_block = rows.row_stats_and_grad(
-                block, tgt, grad_logp[part], grad_entropy[part], inv_temperature, out=block)
+                block, tgt, grad_logp[part], grad_entropy[part], logit_map, out=block)
         else:
             d_block = rows.row_grad(block, tgt, stats.lse[part], stats.entropy[part], grad_logp[part],
-                                    grad_entropy[part], inv_temperature, out=block)
+                                    grad_entropy[part], logit_map, out=block)
         if need_h:
             torch.mm(d_block, weight, out=d_hidden[part])
         if need_w:
@@ -218,12 +220,11 @@ def _row_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows, plan):
+    def forward(ctx, hidden, weight, bias, targets, logit_map, ignore_index, rows, plan):
         row_targets, valid = _row_targets(targets, ignore_index)
-        inv_t = 1.0 / temperature
-        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, inv_t, plan)
+        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, logit_map, plan)
         ctx.save_for_backward(hidden, weight, bias, row_targets, valid, stats.lse, stats.entropy)
-        ctx.inv_t, ctx.rows, ctx.plan = inv_t, rows, plan
+        ctx.logit_map, ctx.rows, ctx.plan = logit_map, rows, plan
         logp = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         return logp, torch.where(valid, stats.entropy, 0.0)
 
@@ -235,7 +236,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         g_lp = torch.where(valid, grad_logp.float(), zero) if grad_logp is not None else valid * zero
         g_h = torch.where(valid, grad_entropy.float(), zero) if grad_entropy is not None else valid * zero
         _, grads = linear_pass(
-            ctx.rows, hidden, weight, bias, row_targets, ctx.inv_t, ctx.plan,
+            ctx.rows, hidden, weight, bias, row_targets, ctx.logit_map, ctx.plan,
             stats=RowStats(lse, entropy, None), grad_logp=g_lp, grad_entropy=g_h,
             needs=tuple(ctx.needs_input_grad[:3]),
         )
@@ -244,24 +245,27 @@ class _LinearLogprobEntropy(torch.autograd.Function):
 
 class _WeightedLogprobLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, entropy_weights, temperature,
+    def forward(ctx, hidden, weight, bias, targets, token_weights, entropy_weights, logit_map,
                 ignore_index, rows, needs, plan):
+        """-> (loss, logp [N], entropy [N]); only the loss is differentiable."""
         row_targets, valid = _row_targets(targets, ignore_index)
         # loss = -Σ w·logp - Σ e·H, so the upstream weights of logp and H are -w and -e.
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         g_lp = torch.where(valid, -token_weights.float(), zero)
         g_h = torch.where(valid, -entropy_weights.float(), zero)
         stats, grads = linear_pass(
-            rows, hidden, weight, bias, row_targets, 1.0 / temperature, plan,
+            rows, hidden, weight, bias, row_targets, logit_map, plan,
             grad_logp=g_lp, grad_entropy=g_h, needs=needs,
         )
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.has_grad, ctx.consumed = tuple(g is not None for g in grads), False
         logp = torch.where(valid, stats.target_logit - stats.lse, zero)
-        return (g_lp * logp).sum() + (g_h * torch.where(valid, stats.entropy, zero)).sum()
+        entropy = torch.where(valid, stats.entropy, zero)
+        ctx.mark_non_differentiable(logp, entropy)
+        return (g_lp * logp).sum() + (g_h * entropy).sum(), logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         # Scaled in place (no second copy of a [V, H] gradient, no host sync to test for 1.0),
         # which is why a second backward through the same graph must be refused.
         if ctx.consumed:
@@ -275,14 +279,13 @@ class _WeightedLogprobLoss(torch.autograd.Function):
 class _EntropyFromLogits(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, logits, temperature, rows, block_bytes):
-        inv_t = 1.0 / temperature
+    def forward(ctx, logits, logit_map, rows, block_bytes):
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(lse)
         for part in _row_chunks(logits, rows, block_bytes):
-            lse[part], entropy[part], _ = rows.row_stats(logits[part], None, inv_t)
+            lse[part], entropy[part], _ = rows.row_stats(logits[part], None, logit_map)
         ctx.save_for_backward(logits, lse, entropy)
-        ctx.inv_t, ctx.rows, ctx.block_bytes = inv_t, rows, block_bytes
+        ctx.logit_map, ctx.rows, ctx.block_bytes = logit_map, rows, block_bytes
         return entropy
 
     @staticmethod
@@ -293,7 +296,7 @@ class _EntropyFromLogits(torch.autograd.Function):
         grad_entropy = grad_entropy.float()
         for part in _row_chunks(logits, ctx.rows, ctx.block_bytes):
             ctx.rows.row_grad(logits[part], None, lse[part], entropy[part], None, grad_entropy[part],
-                              ctx.inv_t, out=d_logits[part])
+                              ctx.logit_map, out=d_logits[part])
         return d_logits, None, None, None
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .logit_map import LogitMap
 
-def _log_softmax_and_entropy(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+
+def _log_softmax_and_entropy(logits: torch.Tensor, logit_map: LogitMap) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logit_map.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     logp = z.log_softmax(-1)
     p = logp.exp()
     # Masked vocabulary (-inf logits) has p = 0 and logp = -inf: zero the log before the
@@ -22,7 +24,7 @@ def _log_softmax_and_entropy(logits: torch.Tensor, temperature: float) -> tuple[
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / T) over the last dim: [..., V] -> [...]."""
-    return _log_softmax_and_entropy(logits, temperature)[1].float()
+    return _log_softmax_and_entropy(logits, LogitMap(1.0 / temperature))[1].float()
 
 
 def logprob_entropy(
@@ -30,11 +32,11 @@ def logprob_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None,
-    temperature: float,
+    logit_map: LogitMap,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target log-prob and entropy per token: hidden [N, H], weight [V, H] -> two float32 [N]."""
-    logp_all, entropy = _log_softmax_and_entropy(F.linear(hidden, weight, bias), temperature)
+    logp_all, entropy = _log_softmax_and_entropy(F.linear(hidden, weight, bias), logit_map)
     valid = targets != ignore_index
     logp = logp_all.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)

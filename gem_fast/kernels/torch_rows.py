@@ -1,15 +1,18 @@
 """Vocab-row math on a block of logits in plain torch (the ``torch`` backend).
 
 Same contract as :mod:`gem_fast.kernels.triton_rows`: ``logits`` is a ``[R, V]`` block of raw
-logits (bias included, temperature not yet applied), work happens in float32 whatever its dtype.
-Every function works on row slices whose float32 copy is no larger than the block itself (half
-the rows of a bf16 block) and allocates at most two such temporaries (in-place ops otherwise):
-on a CPU these passes over memory, not the FLOPs, are what the chunked path pays beyond the GEMMs.
+logits x (bias included); the softmax sees z = ``logit_map``(x) (scale, soft-cap, temperature),
+and work happens in float32 whatever the block's dtype. Every function works on row slices
+whose float32 copy is no larger than the block itself (half the rows of a bf16 block) and
+allocates at most two such temporaries (in-place ops otherwise): on a CPU these passes over
+memory, not the FLOPs, are what the chunked path pays beyond the GEMMs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .logit_map import LogitMap
 
 # The functions allocate per-row temporaries, so callers hand them block-sized row chunks.
 STREAMS_ROWS = False
@@ -23,23 +26,24 @@ def _slices(logits: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
-def _scaled_finite(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    # A fresh float copy (float64 input stays float64: tests use it as the reference). -inf
-    # logits (masked vocabulary) become the most negative finite value: exp gives exactly 0 and
-    # products with a zero probability stay 0 instead of 0 * -inf = nan.
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True).mul_(inv_temperature)
-    return z.clamp_(min=torch.finfo(z.dtype).min)
+def _mapped_finite(logits: torch.Tensor, logit_map: LogitMap, into: torch.Tensor | None = None) -> torch.Tensor:
+    # A float copy (float64 input stays float64: tests use it as the reference), into ``into``
+    # if given. -inf logits (masked vocabulary) become the most negative finite value: exp gives
+    # exactly 0 and products with a zero probability stay 0 instead of 0 * -inf = nan.
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype, copy=True) if into is None else into.copy_(logits)
+    return logit_map.apply_(z).clamp_(min=torch.finfo(dtype).min)
 
 
 def row_stats(
-    logits: torch.Tensor, targets: torch.Tensor | None, inv_temperature: float
+    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row log-sum-exp, entropy (nats) and target logit of ``logits * inv_temperature``.
+    """Per-row log-sum-exp, entropy (nats) and target logit of z = ``logit_map``(logits).
 
     logits [R, V]; targets [R] int64 or None (a target outside [0, V) matches nothing and gives
     target logit 0). Returns three float32 [R] tensors (the last is None without targets).
     """
-    parts = [_row_stats(logits[part], None if targets is None else targets[part], inv_temperature)
+    parts = [_row_stats(logits[part], None if targets is None else targets[part], logit_map)
              for part in _slices(logits)]
     if len(parts) == 1:
         return parts[0]
@@ -48,9 +52,9 @@ def row_stats(
 
 
 def _row_stats(
-    logits: torch.Tensor, targets: torch.Tensor | None, inv_temperature: float
+    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    z = _scaled_finite(logits, inv_temperature)
+    z = _mapped_finite(logits, logit_map)
     target_logit = None
     if targets is not None:
         in_range = (targets >= 0) & (targets < z.shape[-1])
@@ -76,18 +80,17 @@ def row_grad(
     entropy: torch.Tensor,
     grad_logp: torch.Tensor | None,
     grad_entropy: torch.Tensor,
-    inv_temperature: float,
+    logit_map: LogitMap,
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Write d(loss)/d(logits) into ``out`` ([R, V], may alias ``logits``) and return it.
 
-    With z = logits * inv_temperature and p = softmax(z):
-    dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)); d(logits) = dz * inv_temperature.
+    With z = logit_map(x) and p = softmax(z):
+    dz_j = g_lp (1[j = y] - p_j) - g_H p_j (z_j - (lse - H)); d(logits) = dz · dz/dx.
     """
     for part in _slices(logits):
         _row_grad(logits[part], None if targets is None else targets[part], lse[part], entropy[part],
-                  None if grad_logp is None else grad_logp[part], grad_entropy[part], inv_temperature,
-                  out[part])
+                  None if grad_logp is None else grad_logp[part], grad_entropy[part], logit_map, out[part])
     return out
 
 
@@ -96,13 +99,13 @@ def row_stats_and_grad(
     targets: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
-    inv_temperature: float,
+    logit_map: LogitMap,
     out: torch.Tensor,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """:func:`row_stats` then :func:`row_grad` on the same block: ``((lse, entropy, target
     logit), out)``, for losses whose upstream weights are known before the forward."""
-    stats = row_stats(logits, targets, inv_temperature)
-    return stats, row_grad(logits, targets, stats[0], stats[1], grad_logp, grad_entropy, inv_temperature, out)
+    stats = row_stats(logits, targets, logit_map)
+    return stats, row_grad(logits, targets, stats[0], stats[1], grad_logp, grad_entropy, logit_map, out)
 
 
 def _row_grad(
@@ -112,10 +115,10 @@ def _row_grad(
     entropy: torch.Tensor,
     grad_logp: torch.Tensor | None,
     grad_entropy: torch.Tensor,
-    inv_temperature: float,
+    logit_map: LogitMap,
     out: torch.Tensor,
 ) -> None:
-    z = _scaled_finite(logits, inv_temperature)
+    z = _mapped_finite(logits, logit_map)
     dtype = z.dtype
     p = (z - lse[:, None].to(dtype)).exp_()
     d_z = z.sub_((lse - entropy)[:, None].to(dtype)).mul_(p).mul_(-grad_entropy[:, None].to(dtype))
@@ -128,4 +131,9 @@ def _row_grad(
             torch.where(in_range, grad_logp.to(dtype), 0.0),
             accumulate=True,
         )
-    out.copy_(d_z.mul_(inv_temperature))
+    if logit_map.softcap is None:
+        d_z.mul_(logit_map.factor)
+    else:
+        # The soft-cap's slope needs z again: recomputed into p's buffer, which is free by now.
+        d_z.mul_(logit_map.softcap_slope_(_mapped_finite(logits, logit_map, into=p)))
+    out.copy_(d_z)

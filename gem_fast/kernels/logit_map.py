@@ -1,0 +1,38 @@
+"""The map from raw logits x = W h + b to the logits z the softmax sees, shared by every backend.
+
+z = softcap · tanh(scale · x / softcap) / T with soft-capping (Gemma-2/3's
+``final_logit_softcapping``), z = scale · x / T without (``scale``: Cohere's ``logit_scale``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class LogitMap(NamedTuple):
+    inv_temperature: float = 1.0
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """z from raw logits, out of place (differentiable: the naive backend)."""
+        if self.softcap is None:
+            return x * self.factor
+        return torch.tanh(x * (self.scale / self.softcap)) * (self.softcap * self.inv_temperature)
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """z from raw logits, in place on ``x`` (a fresh floating copy the caller owns)."""
+        if self.softcap is None:
+            return x.mul_(self.factor)
+        return x.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap * self.inv_temperature)
+
+    @property
+    def factor(self) -> float:
+        """dz/dx without soft-capping."""
+        return self.scale * self.inv_temperature
+
+    def softcap_slope_(self, z: torch.Tensor) -> torch.Tensor:
+        """dz/dx with soft-capping, from z (in place on ``z``): tanh' = 1 - tanh², tanh = z·T / softcap."""
+        return z.mul_(1.0 / (self.softcap * self.inv_temperature)).square_().neg_().add_(1.0).mul_(self.factor)
