@@ -16,12 +16,12 @@ from typing import Sequence
 import torch
 
 from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
+from gem_fast.integrations import output_head
 from gem_fast.kernels import fused_logprob_entropy
 
 __all__ = [
     "IGNORE_INDEX",
     "PairLogprobs",
-    "output_layer",
     "response_targets",
     "response_hidden",
     "sequence_logprobs",
@@ -29,15 +29,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-
-
-def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of the model's LM head."""
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        # The kernels compute softmax(hidden @ W.T + b); a soft-capped head is another function.
-        raise ValueError("model: final_logit_softcapping is not supported by the fused kernels")
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
 
 
 def response_targets(batch: EncodedBatch, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -69,12 +60,12 @@ def sequence_logprobs(
     ``length_normalize=True`` divides by the number of response tokens (mean per token).
     Differentiable w.r.t. the model's parameters when grad is enabled.
     """
-    weight, bias = output_layer(model)
+    head = output_head(model)
     targets = response_targets(batch)
     # Prompt and padding rows are most of a preference batch: one host sync to skip their GEMMs.
     logp, _ = fused_logprob_entropy(
-        response_hidden(model, batch), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=backend,
-        drop_ignored_rows=True,
+        response_hidden(model, batch), head.weight, targets, bias=head.bias, logit_scale=head.logit_scale,
+        logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True,
     )
     total = logp.sum(-1)
     if length_normalize:

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from gem_fast.data import EncodedBatch
+from gem_fast.integrations import output_head
 from gem_fast.kernels import weighted_logprob_loss
 from gem_fast.logprobs import (
     IGNORE_INDEX,
     PairLogprobs,
-    output_layer,
     response_hidden,
     response_targets,
     sequence_logprobs,
@@ -137,12 +137,15 @@ def sega_loss(
     normalize: Literal["group", "token"] = "group",
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """SEGA loss ``-Σ_i A_i log π(a_i|q)`` (Eq. 2), normalised, as a float32 scalar.
 
     ``hidden`` [N, T, H] and ``targets`` [N, T] of the N = B*k candidate rows, prompt-major
     (e.g. from :func:`gem_fast.logprobs.response_hidden` / ``response_targets``);
-    ``advantages`` [B, k] (treated as constants); ``weight``/``bias`` the LM head.
+    ``advantages`` [B, k] (treated as constants); ``weight``/``bias``/``logit_scale``/``logit_softcap``
+    the LM head (:func:`gem_fast.integrations.output_head`).
     ``normalize``: "group" divides by B, "token" by the batch's response-token count.
     """
     _check_response_inputs(hidden, targets)
@@ -158,7 +161,8 @@ def sega_loss(
         raise ValueError(f"normalize must be 'group' or 'token', got {normalize!r}")
     per_row = advantages.detach().float().reshape(-1, 1) * scale
     return weighted_logprob_loss(
-        hidden, weight, targets, per_row.expand(targets.shape), bias=bias, ignore_index=ignore_index, backend=backend
+        hidden, weight, targets, per_row.expand(targets.shape), bias=bias, ignore_index=ignore_index, backend=backend,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
     )
 
 
@@ -170,6 +174,8 @@ def sft_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood over response tokens (prompt and padding excluded), float32 scalar.
 
@@ -179,7 +185,8 @@ def sft_loss(
     valid = targets != ignore_index
     token_weights = valid.float() / valid.sum().clamp(min=1)
     return weighted_logprob_loss(
-        hidden, weight, targets, token_weights, bias=bias, ignore_index=ignore_index, backend=backend
+        hidden, weight, targets, token_weights, bias=bias, ignore_index=ignore_index, backend=backend,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
     )
 
 
@@ -256,8 +263,9 @@ def pair_objective_loss(
     n = rows // 2
     if objective == "sft":
         chosen = batch.rows(slice(0, n))
-        weight, bias = output_layer(model)
-        return sft_loss(response_hidden(model, chosen), weight, response_targets(chosen), bias=bias, backend=backend)
+        head = output_head(model)
+        return sft_loss(response_hidden(model, chosen), head.weight, response_targets(chosen), bias=head.bias,
+                        backend=backend, logit_scale=head.logit_scale, logit_softcap=head.logit_softcap)
     if reference is None or reference.chosen.shape != (n,):
         raise ValueError(f"reference must hold the reference log-probs of the batch's {n} pairs for {objective!r}")
     logps = sequence_logprobs(model, batch, length_normalize=length_normalize, backend=backend)

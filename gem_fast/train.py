@@ -52,7 +52,8 @@ from gem_fast.checkpoint import export_hf, latest_checkpoint, load_checkpoint, s
 from gem_fast.data import (EncodedBatch, PreferencePair, encode_pairs, encode_prompt_responses, encode_prompts,
                            join_prompt_and_generation, load_preference_jsonl)
 from gem_fast.kernels import resolve_backend, weighted_logprob_loss
-from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, output_layer, pair_logprobs, response_hidden, response_targets
+from gem_fast.integrations import output_head
+from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_targets
 from gem_fast.models import apply_liger_layers, load_model_and_tokenizer, use_liger_layers
 from gem_fast.sampling import GroupSample, sample_group
 from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction
@@ -175,11 +176,12 @@ class PolicyLoss(nn.Module):
         if self.objective in ("dpo", "ipo"):
             return pair_objective_loss(self.objective, self.model, batch, reference, beta=self.beta,
                                        length_normalize=self.length_normalize, backend=self.backend)
-        weight, bias = output_layer(self.model)
+        head = output_head(self.model)
         hidden = response_hidden(self.model, batch)
         return weighted_logprob_loss(
-            hidden, weight, response_targets(batch), token_weights,
-            bias=bias, ignore_index=IGNORE_INDEX, backend=self.backend, drop_ignored_rows=True,
+            hidden, head.weight, response_targets(batch), token_weights, bias=head.bias,
+            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX,
+            backend=self.backend, drop_ignored_rows=True,
         )
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:

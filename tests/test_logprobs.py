@@ -7,7 +7,7 @@ import torch
 from tiny_lm import char_tokenizer, tiny_model
 
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
-from gem_fast.logprobs import PairLogprobs, output_layer, pair_logprobs, sequence_logprobs
+from gem_fast.logprobs import PairLogprobs, pair_logprobs, sequence_logprobs
 
 PROMPTS = ["Q: 2+2?", "Say hi", "x"]
 RESPONSES = [" 4", " hello there", "yz"]
@@ -88,12 +88,17 @@ def test_pair_logprobs_values_and_select():
     assert picked.chosen.tolist() == [-2.0] and picked.rejected_tokens.tolist() == [4]
 
 
-def test_output_layer_refuses_a_soft_capped_head(model):
-    weight, bias = output_layer(model)
-    assert weight is model.lm_head.weight and bias is None
-    model.config.final_logit_softcapping = 30.0
+def test_sequence_logprobs_apply_the_heads_soft_cap(model, tok):
+    batch = encode_pairs(tok, [PreferencePair("2+2=", " 4", " 5")], max_length=32)
+    model.config.final_logit_softcapping = 0.5  # tiny logits are bent by a cap this low
     try:
-        with pytest.raises(ValueError, match="softcapping"):
-            output_layer(model)
+        capped = sequence_logprobs(model, batch, backend="torch")
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
     finally:
         model.config.final_logit_softcapping = None
+    logp = (0.5 * torch.tanh(logits / 0.5)).log_softmax(-1)[:, :-1]
+    targets = batch.input_ids[:, 1:]
+    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
+    expected = torch.where(batch.response_mask[:, 1:], picked, 0.0).sum(-1)
+    torch.testing.assert_close(capped.double(), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(capped, sequence_logprobs(model, batch, backend="torch"), atol=1e-3)

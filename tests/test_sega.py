@@ -9,7 +9,8 @@ import torch
 from tiny_lm import char_tokenizer, tiny_model
 
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
-from gem_fast.logprobs import output_layer, pair_logprobs, response_hidden, response_targets, sequence_logprobs
+from gem_fast.integrations import output_head
+from gem_fast.logprobs import pair_logprobs, response_hidden, response_targets, sequence_logprobs
 from gem_fast.sega import dpo_loss, ipo_loss, map_rewards, pair_objective_loss, sega_advantages, sega_loss, sft_loss
 
 INF = math.inf
@@ -87,7 +88,7 @@ def candidate_batch(tok):
 def test_sega_loss_value_and_gradient_match_the_formula(model, tok, normalize):
     batch = candidate_batch(tok)
     advantages = torch.tensor([[1.0, -0.25, -0.75], [0.5, 0.0, -0.5]])
-    weight, bias = output_layer(model)
+    weight, bias = output_head(model)[:2]
     targets = response_targets(batch)
     hidden = response_hidden(model, batch)
     loss = sega_loss(hidden, weight, targets, advantages, bias=bias, normalize=normalize, backend="torch")
@@ -107,7 +108,7 @@ def test_sega_step_raises_log_prob_of_positive_advantage_candidates(model, tok):
     advantages = sega_advantages(torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, -2.0]]), mapping="identity")
     with torch.no_grad():
         before = sequence_logprobs(model, batch)
-    weight, bias = output_layer(model)
+    weight, bias = output_head(model)[:2]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
     loss = sega_loss(response_hidden(model, batch), weight, response_targets(batch), advantages, bias=bias)
     loss.backward()
@@ -123,7 +124,7 @@ def test_sega_step_raises_log_prob_of_positive_advantage_candidates(model, tok):
 
 def test_sega_loss_rejects_mismatched_advantages(model, tok):
     batch = candidate_batch(tok)
-    weight, _ = output_layer(model)
+    weight = output_head(model).weight
     hidden, targets = response_hidden(model, batch), response_targets(batch)
     with pytest.raises(ValueError, match="advantages"):
         sega_loss(hidden, weight, targets, torch.zeros(2, 2))
@@ -162,7 +163,7 @@ def test_sft_baseline_is_the_mean_response_nll(model, tok):
     labels = torch.where(chosen.response_mask, chosen.input_ids, -100)
     reference = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask, labels=labels).loss
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    weight, _ = output_layer(model)
+    weight = output_head(model).weight
     direct = sft_loss(response_hidden(model, chosen), weight, response_targets(chosen), backend="naive")
     assert direct.item() == pytest.approx(reference.item(), rel=1e-5)
 

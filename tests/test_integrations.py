@@ -1,0 +1,165 @@
+"""patch_causal_lm on tiny random models of every supported family, tied and untied, against the
+float64 log-softmax of the model's own logits; one process and 2-rank gloo FSDP2."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gem_fast.integrations import FusedLogprobOutput, output_head, patch_causal_lm, unpatch_causal_lm
+
+VOCAB, LENGTH = 300, 12
+# Extra config per family: Gemma's soft-cap and Cohere's scale set so that they change the logits.
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"head_dim": 8, "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 8},
+    "cohere": {"logit_scale": 0.5},
+}
+
+
+def tiny_model(model_type: str, tied: bool, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+        **FAMILIES[model_type])
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # logits of a few units, so the soft-cap bends them
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    targets[1, :3] = -100
+    return ids, mask, targets
+
+
+def reference(model, ids, mask, targets, temperature):
+    """(logp, entropy) from the model's own logits in float64."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.double() / temperature
+    logp_all = logits.log_softmax(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    valid = targets != -100
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
+
+
+def weighted(out_logp, out_entropy):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(out_logp.shape, generator=g, dtype=torch.float64)
+    return (w * out_logp.double()).sum() + (w.flip(-1) * out_entropy.double()).sum()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_patched_model_matches_its_own_logits(model_type, tied):
+    model = tiny_model(model_type, tied)
+    ids, mask, targets = batch()
+    ref_logp, ref_entropy = reference(model, ids, mask, targets, 0.7)
+    ref_grads = torch.autograd.grad(weighted(ref_logp, ref_entropy), list(model.parameters()), allow_unused=True)
+    patch_causal_lm(model, backend="torch")
+    out = model(input_ids=ids, attention_mask=mask, logprob_targets=targets, temperature=0.7)
+    assert isinstance(out, FusedLogprobOutput) and "logits" not in out
+    assert out.logprobs.shape == out.entropy.shape == targets.shape
+    torch.testing.assert_close(out.logprobs.double(), ref_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(weighted(out.logprobs, out.entropy), list(model.parameters()), allow_unused=True)
+    for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
+        if want is None:
+            assert got is None or not got.any(), name
+            continue
+        scale = want.abs().max().item() + 1e-6
+        torch.testing.assert_close(got.double() / scale, want.double() / scale, rtol=0, atol=2e-4, msg=name)
+
+
+def test_unpatched_calls_and_unpatch_restore_the_model():
+    model = tiny_model("gemma2", tied=True)
+    ids, mask, _ = batch()
+    before = model(input_ids=ids, attention_mask=mask).logits
+    patch_causal_lm(patch_causal_lm(model))  # twice: a no-op the second time
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
+    unpatch_causal_lm(model)
+    assert "forward" not in vars(model) and model.forward.__func__ is type(model).forward
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
+
+
+def test_output_head_reads_scale_and_softcap():
+    assert output_head(tiny_model("cohere", tied=True))[2:] == (0.5, None)
+    assert output_head(tiny_model("gemma2", tied=False))[2:] == (1.0, 3.0)
+    assert output_head(tiny_model("llama", tied=True))[2:] == (1.0, None)
+
+
+def test_unsupported_model_gets_one_clear_error():
+    with pytest.raises(ValueError, match="^model: type None"):
+        patch_causal_lm(torch.nn.Linear(2, 2))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _fsdp_worker(rank: int, port: int, root: Path) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        results = {}
+        for model_type, tied, patch_first in (("gemma2", True, True), ("llama", False, False)):
+            model = tiny_model(model_type, tied)
+            if patch_first:
+                patch_causal_lm(model, backend="torch")
+            for layer in model.base_model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            if not patch_first:
+                patch_causal_lm(model, backend="torch")
+            ids, mask, targets = batch()  # the same batch on both ranks: averaged grads = one process's
+            out = model(input_ids=ids, attention_mask=mask, logprob_targets=targets, temperature=0.7)
+            weighted(out.logprobs, out.entropy).backward()
+            results[model_type] = (out.logprobs.detach(), out.entropy.detach(), _full_grads(model))
+        if rank == 0:
+            torch.save(results, root / "fsdp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patched_model_under_fsdp2_equals_one_process(tmp_path):
+    mp.spawn(_fsdp_worker, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    results = torch.load(tmp_path / "fsdp.pt")
+    for model_type, tied in (("gemma2", True), ("llama", False)):
+        model = patch_causal_lm(tiny_model(model_type, tied), backend="torch")
+        ids, mask, targets = batch()
+        out = model(input_ids=ids, attention_mask=mask, logprob_targets=targets, temperature=0.7)
+        weighted(out.logprobs, out.entropy).backward()
+        logp, entropy, grads = results[model_type]
+        torch.testing.assert_close(logp, out.logprobs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, out.entropy, rtol=1e-5, atol=1e-5)
+        want = _full_grads(model)
+        assert grads.keys() == want.keys()
+        for name, got in grads.items():
+            torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-5, msg=name)
