@@ -1,90 +1,12 @@
 #!/usr/bin/env python
 """Preference accuracy of a causal LM on a JSONL file of pairs, with the implicit reward β·log π(a|q).
 
-    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo \
-        --eval_jsonl data/pairs.jsonl --beta 1.0
-
-Prints a table (per subset when rows carry "subset", then all pairs) and writes the report,
-per-pair margins included, as JSON. Without --model_name_or_path the embedded SmolLM2 runs.
+The same as the console script ``gem-fast-eval``: see :mod:`gem_fast.cli.eval_pref_accuracy` for the flags.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
-
-from gem_fast.data import load_preference_jsonl
-from gem_fast.eval import evaluate_preference_accuracy, format_table
-from gem_fast.models import load_model_and_tokenizer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--model_name_or_path", default=None, help="HF folder, .gguf file or Hub id (default: embedded SmolLM2)"
-    )
-    p.add_argument("--eval_jsonl", required=True, help='JSONL of {"prompt", "chosen", "rejected"[, "subset"]}')
-    p.add_argument("--beta", type=float, default=1.0, help="implicit reward scale")
-    p.add_argument("--ref_model_name_or_path", default=None, help="reference model: reward β·(log π − log π_ref)")
-    p.add_argument("--length_normalize", action="store_true", help="per-token mean log-prob instead of the sum")
-    p.add_argument("--chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    p.add_argument("--batch_size", type=int, default=8, help="pairs per forward")
-    p.add_argument("--max_length", type=int, default=1024, help="tokens per prompt+response row")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
-    p.add_argument("--tie_tolerance", type=float, default=1e-6, help="relative reward gap that still counts as a tie")
-    p.add_argument("--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=("auto", "naive", "torch", "triton"), help="kernel backend")
-    p.add_argument("--output_json", default="outputs/pref_accuracy.json", help="where the JSON report goes")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    pairs = load_preference_jsonl(args.eval_jsonl, limit=args.limit)
-    if not pairs:
-        raise SystemExit(f"{args.eval_jsonl}: no pairs to evaluate")
-    dtype = _DTYPES[args.dtype]
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=dtype, device=args.device)
-    ref_model = None
-    if args.ref_model_name_or_path is not None:
-        ref_model, _ = load_model_and_tokenizer(args.ref_model_name_or_path, dtype=dtype, device=args.device)
-    report = evaluate_preference_accuracy(
-        model,
-        tokenizer,
-        pairs,
-        beta=args.beta,
-        ref_model=ref_model,
-        length_normalize=args.length_normalize,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        chat_template=args.chat_template,
-        tie_tolerance=args.tie_tolerance,
-        n_resamples=args.n_bootstrap,
-        seed=args.seed,
-        backend=args.backend,
-    )
-    print(format_table(report))
-    out = Path(args.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model_name_or_path": args.model_name_or_path,
-        "ref_model_name_or_path": args.ref_model_name_or_path,
-        "eval_jsonl": str(args.eval_jsonl),
-        **report.to_dict(),
-    }
-    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
-    return 0
-
+from gem_fast.cli.eval_pref_accuracy import main
 
 if __name__ == "__main__":
     sys.exit(main())

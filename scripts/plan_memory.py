@@ -1,114 +1,12 @@
 #!/usr/bin/env python
 """Per-GPU peak memory of a gem_fast training step, naive loss vs fused, before renting the GPUs.
 
-    python scripts/plan_memory.py --model llama3-8b --world_size 8 --micro_batch 2 --seq_len 4096 \
-        --activation_checkpointing
-    python scripts/plan_memory.py --model llama3-8b --world_size 8 --config configs/llama3_8b_sega_8gpu.yaml
-    python scripts/plan_memory.py --model path/to/config.json --device cpu --micro_batch 4 --seq_len 512
-
-Prints a markdown table: the terms of each loss's peak phase, every phase's total (end of
-forward, backward, end of backward, optimizer step, SEGA prefill and decode), the fixed
-allowances and whether the peak fits ``--gpu_memory_gib``. The model is an analytic one
-(gem_fast/memory_plan.py), checked against measured CPU peaks by ``python -m bench.memory_plan``.
-
-SEGA (``--k`` given, or a SEGA YAML): ``--micro_batch`` is prompts per rank and ``--seq_len`` the
-prompt length (the YAML's batch_size and max_length); the step trains micro_batch × k rows of
-seq_len + gen_max_new_tokens tokens and the sampling phase is planned too. Flags given win over
-the YAML.
+The same as the console script ``gem-fast-plan-memory``: see :mod:`gem_fast.cli.plan_memory` for the flags.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import yaml
-
-from gem_fast.memory_plan import PRESETS, markdown_table, model_shape, plan_memory, setup_from_train_config
-
-NOT_MODELLED = (
-    "Not modelled: allocator fragmentation beyond the fixed allowance, the first step's lazy AdamW "
-    "state creation (planned: steady state), Liger/torch.compile variants beyond Liger's RMSNorm and "
-    "SwiGLU, non-Llama layer types. The allowances cover what torch's allocator does not see."
-)
-
-
-def _on_off(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off or true/false, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=NOT_MODELLED)
-    parser.add_argument("--model", default="llama3-8b",
-                        help=f"a preset {sorted(PRESETS)} or an HF config.json (file or folder)")
-    parser.add_argument("--config", type=Path, help="training YAML: batch_size, max_length, k, gen_max_new_tokens, "
-                                                    "activation_checkpointing, objective")
-    parser.add_argument("--world_size", type=int, default=1, help="ranks (GPUs); > 1 means FSDP2")
-    parser.add_argument("--micro_batch", type=int, help="rows per rank per micro-step (SEGA: prompts)")
-    parser.add_argument("--seq_len", type=int, help="tokens per row (SEGA: prompt tokens)")
-    parser.add_argument("--response_len", type=int,
-                        help="SFT/DPO: tokens per row the loss scores (default: all; the fused loss skips the rest)")
-    parser.add_argument("--loss", choices=("naive", "fused", "both"), default="both")
-    parser.add_argument("--activation_checkpointing", type=_on_off, nargs="?", const=True,
-                        help="per-layer activation checkpointing (flag alone: on)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--attention", choices=("flash", "sdpa"),
-                        help="default: flash on CUDA (pip install .[flash]), sdpa on the CPU")
-    parser.add_argument("--liger_layers", type=_on_off, help="Liger RMSNorm/SwiGLU (default: on for CUDA)")
-    parser.add_argument("--gpu_memory_gib", type=float, default=80.0,
-                        help="memory per rank to fit in (GiB; RAM with --device cpu)")
-    parser.add_argument("--k", type=int, help="SEGA candidates per prompt")
-    parser.add_argument("--gen_max_new_tokens", type=int, help="SEGA tokens generated per candidate")
-    parser.add_argument("--objective", choices=("sft", "sega", "dpo", "ipo"), help="default: the YAML's, else sft "
-                                                                                    "(sega with --k)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config: dict = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            parser.error(f"--config: {args.config} is not a file")
-        config = yaml.safe_load(args.config.read_text()) or {}
-    flags = {"batch_size": args.micro_batch, "max_length": args.seq_len, "k": args.k, "objective": args.objective,
-             "gen_max_new_tokens": args.gen_max_new_tokens, "activation_checkpointing": args.activation_checkpointing}
-    config.update({key: value for key, value in flags.items() if value is not None})
-    losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
-    try:
-        shape = model_shape(args.model)
-        plans = {loss: plan_memory(shape, setup_from_train_config(
-            config, world_size=args.world_size, loss=loss, device=args.device, attention=args.attention,
-            liger_layers=args.liger_layers, response_len=args.response_len)) for loss in losses}
-    except ValueError as exc:
-        parser.error(str(exc))
-    setup = next(iter(plans.values())).setup
-    print(f"## {shape.name}: {shape.params() / 1e9:.2f} B parameters, V={shape.vocab}, "
-          f"{'tied' if shape.tied else 'untied'} embeddings\n")
-    print(f"{setup.world_size} × {setup.device}{' (FSDP2)' if setup.sharded else ''}; per rank {setup.micro_batch} rows × "
-          f"{setup.seq_len} tokens, {setup.scored} scored; activation checkpointing "
-          f"{'on' if setup.activation_checkpointing else 'off'}; attention {setup.attention_kind}; "
-          f"Liger layers {'on' if setup.liger else 'off'}")
-    if setup.sampling is not None:
-        s = setup.sampling
-        print(f"SEGA sampling: {s.prompts} prompts × k={s.k}, {s.prompt_len} prompt + {s.new_tokens} new tokens")
-    print()
-    print(markdown_table(plans, args.gpu_memory_gib))
-    print()
-    for loss, plan in plans.items():
-        verdict = "fits" if plan.total_bytes <= args.gpu_memory_gib * 2**30 else "does NOT fit"
-        print(f"{loss}: peak {plan.total_bytes / 2**30:.1f} GiB per rank ({plan.peak_phase.name}), "
-              f"{verdict} in {args.gpu_memory_gib:g} GiB")
-    print(f"\n{NOT_MODELLED}")
-    return 0
-
+from gem_fast.cli.plan_memory import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from gem_fast.train import main
+from gem_fast.cli import train_sega
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], objective="sega", description=__doc__.split("\n")[0]))
+    sys.exit(train_sega())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from gem_fast.train import main
+from gem_fast.cli import train_sft
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], objective="sft", description=__doc__.split("\n")[0]))
+    sys.exit(train_sft())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -27,7 +26,6 @@ from gem_fast.adapters import (
 from gem_fast.data import PreferencePair, load_preference_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
 FIXTURE_FORMATS = {
     "pairs.jsonl": "pairs",
     "ultrafeedback_binarized.jsonl": "ultrafeedback",
@@ -398,10 +396,9 @@ def test_written_pairs_read_back_with_the_jsonl_loader(tmp_path):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from gem_fast.cli import prepare_data
+
+    return prepare_data
 
 
 def test_prepare_data_cli(tmp_path, capsys, script):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from gem_fast.eval import (
 )
 from gem_fast.logprobs import PairLogprobs
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_pref_accuracy.py"
 
 # Under a uniform next-token distribution log π(a|q) = -(len(a) + 1) log V (one token per
 # character, plus EOS): the shorter response wins, equal lengths tie.
@@ -113,9 +110,8 @@ def test_script_prints_a_table_and_writes_json(uniform_model, tok, tmp_path, cap
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "subset": p.subset} for p in PAIRS]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "report.json"
-    spec = importlib.util.spec_from_file_location("eval_pref_accuracy", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from gem_fast.cli import eval_pref_accuracy as script
+
     argv = ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data), "--beta", "1.0"]
     assert script.main([*argv, "--n_bootstrap", "100", "--output_json", str(out), "--backend", "torch"]) == 0
     printed = capsys.readouterr().out
