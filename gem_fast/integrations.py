@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 
 from gem_fast.kernels import fused_logprob_entropy
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "FusedLogprobOutput", "OutputHead", "output_head", "patch_causal_lm",
+__all__ = ["SUPPORTED_MODEL_TYPES", "FusedLogprobOutput", "TrlFusedOutput", "OutputHead", "output_head", "patch_causal_lm",
            "unpatch_causal_lm"]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,18 @@ class FusedLogprobOutput(ModelOutput):
     logprobs: torch.Tensor | None = None  # [..., L] float32 nats; 0 where the target is ignored
     entropy: torch.Tensor | None = None  # [..., L] float32 nats, softmax(z / T)
     past_key_values: Any = None
+
+
+@dataclass
+class TrlFusedOutput(ModelOutput):
+    """What a patched model returns for TRL's ``fused_lm_head=True`` calls (the fields TRL's
+    trainers read from its own ``FusedCausalLMOutput``): per-token fields [B, L-1], 0 where the
+    label is -100; ``loss`` the mean negative log-likelihood (or the sum over ``num_items_in_batch``)."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
 
 
 class OutputHead(NamedTuple):
@@ -79,9 +91,14 @@ def _check_layout(model: torch.nn.Module) -> None:
                    "does nothing else to the logits", model_type, SUPPORTED_MODEL_TYPES)
 
 
-def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", **kernel_options: Any) -> torch.nn.Module:
+def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperature: float = 1.0,
+                    **kernel_options: Any) -> torch.nn.Module:
     """Give ``model.forward`` the keywords ``logprob_targets`` ([..., L] int64, -100 = ignored) and
-    ``temperature``; with them it returns :class:`FusedLogprobOutput` (no logits). ``backend`` and
+    ``temperature`` (default: this call's); with them it returns :class:`FusedLogprobOutput` (no
+    logits). TRL's convention works too: ``model(..., labels=labels, fused_lm_head=True)``
+    (``labels`` aligned with ``input_ids``, or pre-shifted ``shift_labels``) returns
+    :class:`TrlFusedOutput` at this call's ``temperature``, so patching a model after TRL's
+    trainer has added its own fused head makes TRL read gem_fast's numbers. ``backend`` and
     ``kernel_options`` (``block_bytes``, ``dw_accumulation``, ``drop_ignored_rows``) go to
     :func:`gem_fast.kernels.fused_logprob_entropy`. Returns the model, patched in place; patching
     twice is a no-op; :func:`unpatch_causal_lm` undoes it."""
@@ -89,16 +106,33 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", **kernel_o
     if _ORIGINAL in vars(model):
         return model
     original = model.forward
+    default_temperature = temperature
 
-    def forward(*args: Any, logprob_targets: torch.Tensor | None = None, temperature: float = 1.0,
-                **kwargs: Any) -> Any:
-        if logprob_targets is None:
-            return original(*args, **kwargs)
+    def logprobs_and_entropy(args: tuple, kwargs: dict, targets: torch.Tensor, temperature: float):
         outputs = model.base_model(*args, **kwargs)
         head = output_head(model)
         logprobs, entropy = fused_logprob_entropy(
-            outputs.last_hidden_state, head.weight, logprob_targets, bias=head.bias, temperature=temperature,
+            outputs.last_hidden_state, head.weight, targets, bias=head.bias, temperature=temperature,
             logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options)
+        return outputs, logprobs, entropy
+
+    def forward(*args: Any, logprob_targets: torch.Tensor | None = None, temperature: float = default_temperature,
+                fused_lm_head: bool = False, labels: torch.Tensor | None = None,
+                shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if fused_lm_head:
+            # TRL: the label at position t+1 is scored from position t, unless pre-shifted.
+            targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1),
+                                                                                            value=-100)
+            _, logprobs, entropy = logprobs_and_entropy(args, {**kwargs, "use_cache": False}, targets, temperature)
+            if shift_labels is None:
+                targets, logprobs, entropy = targets[:, :-1], logprobs[:, :-1], entropy[:, :-1]
+            mask = targets != -100
+            count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            return TrlFusedOutput(loss=-logprobs.sum() / count, log_probs=logprobs, entropy=entropy, label_mask=mask)
+        if logprob_targets is None:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        outputs, logprobs, entropy = logprobs_and_entropy(args, kwargs, logprob_targets, temperature)
         return FusedLogprobOutput(logprobs=logprobs, entropy=entropy,
                                   past_key_values=getattr(outputs, "past_key_values", None))
 
