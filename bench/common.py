@@ -19,6 +19,7 @@ import re
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -119,29 +120,75 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - began
 
 
+def measure_interleaved(
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    policy: RepeatPolicy,
+    before_each: Callable[[], None] = lambda: None,
+    *,
+    raise_errors: bool = False,
+) -> dict[str, list[Sample] | str]:
+    """Time several calls round-robin: ``policy.warmup`` untimed rounds, then timed rounds until
+    every call has ``min_reps`` samples and ``budget_s`` seconds, at most ``max_reps`` rounds.
+
+    Interleaving makes a load drift on a shared machine hit every call alike. ``before_each``
+    runs untimed and outside the memory window (e.g. to drop gradients). A call that raises is
+    dropped from later rounds and its entry becomes the error's one-line text (an out-of-memory
+    is a result); with ``raise_errors`` the exception propagates instead.
+    """
+    meter = PeakMemory(device)
+    results: dict[str, list[Sample] | str] = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+
+    def attempt(name: str, timed: bool) -> None:
+        try:
+            before_each()
+            if not timed:
+                calls[name]()
+                return
+            meter.start()
+            seconds = _timed(calls[name], device)
+            results[name].append(Sample(seconds, meter.peak()))
+            spent[name] += seconds
+        except Exception as exc:
+            if raise_errors:
+                raise
+            results[name] = error_line(exc)  # the text only: the traceback would pin the call's tensors
+        if device.type == "cuda" and isinstance(results[name], str):
+            torch.cuda.empty_cache()  # after an out-of-memory, give the other calls the whole card
+
+    def live() -> list[str]:
+        return [name for name, r in results.items() if not isinstance(r, str)]
+
+    for _ in range(policy.warmup):
+        for name in live():
+            attempt(name, timed=False)
+    rounds = 0
+    while live() and rounds < policy.max_reps and (
+        rounds < policy.min_reps or min(spent[n] for n in live()) < policy.budget_s
+    ):
+        for name in live():
+            attempt(name, timed=True)
+        rounds += 1
+    return results
+
+
 def measure(
     fn: Callable[[], object],
     device: torch.device,
     policy: RepeatPolicy,
     before_each: Callable[[], None] = lambda: None,
 ) -> list[Sample]:
-    """Run ``fn`` per ``policy``; each timed run records its time and its peak memory.
-
-    ``before_each`` runs untimed and outside the memory window (e.g. to drop gradients).
-    """
-    meter = PeakMemory(device)
-    for _ in range(policy.warmup):
-        before_each()
-        fn()
-    samples: list[Sample] = []
-    spent = 0.0
-    while len(samples) < policy.max_reps and (len(samples) < policy.min_reps or spent < policy.budget_s):
-        before_each()
-        meter.start()
-        seconds = _timed(fn, device)
-        samples.append(Sample(seconds, meter.peak()))
-        spent += seconds
+    """Run ``fn`` per ``policy``; each timed run records its time and its peak memory. Errors propagate."""
+    samples = measure_interleaved({"fn": fn}, device, policy, before_each, raise_errors=True)["fn"]
+    assert not isinstance(samples, str)
     return samples
+
+
+def error_line(exc: BaseException) -> str:
+    """``"OutOfMemoryError: CUDA out of memory..."``: an exception as one line of at most 300 characters."""
+    lines = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines() or [type(exc).__name__]
+    return lines[0][:300]
 
 
 def median_seconds(samples: list[Sample]) -> float:
@@ -200,6 +247,19 @@ def write_results(out_dir: Path, stem: str, doc: dict, markdown: str) -> list[Pa
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md_path.write_text(markdown)
     return [json_path, md_path]
+
+
+def mark_bad_rows(rows: list[dict], problem: Callable[[dict], str | None]) -> int:
+    """Set ``row["invalid"]`` to what is wrong with each row that ``problem`` rejects; returns how many.
+
+    Writers keep such rows (one bad row must not lose a run) and reports show them as invalid.
+    """
+    bad = 0
+    for row in rows:
+        if reason := problem(row):
+            row["invalid"] = reason
+            bad += 1
+    return bad
 
 
 def status_counts(rows: list[dict], statuses: tuple[str, ...]) -> str:

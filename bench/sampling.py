@@ -17,13 +17,15 @@ load drifts on a shared machine hit all of them alike; the median over rounds is
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from bench.common import RepeatPolicy, device_slug, environment, measure
+from bench.common import RepeatPolicy, device_slug, environment, measure_interleaved
 from gem_fast.models import load_model_and_tokenizer
 from gem_fast.sampling import sample_group
 
@@ -31,7 +33,7 @@ METHODS = ("hf_generate", "expand", "shared_prefix")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _prompts(tokenizer, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+def prompts(tokenizer, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
     """[batch, prompt_len] random ordinary-token ids (no padding: every prompt is exactly prompt_len)."""
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
@@ -46,6 +48,77 @@ def _prompt_kv_bytes_hf(model, rows: int, prompt_len: int) -> int:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     element = next(model.parameters()).element_size()
     return 2 * cfg.num_hidden_layers * rows * kv_heads * prompt_len * head_dim * element
+
+
+def compare(model, input_ids: torch.Tensor, *, k: int, new_tokens: int, rounds: int, methods: list[str], seed: int,
+            pad_token_id: int | None, log: Callable[[str], None] = print) -> dict:
+    """Time each of ``methods`` drawing ``k`` candidates of exactly ``new_tokens`` tokens for each prompt of
+    ``input_ids`` [B, P] (no padding); methods interleaved, one warm-up each, then ``rounds`` timed runs.
+
+    Returns ``{"methods": {name: seconds, median_s, peak_bytes, prompt_kv_bytes...}}`` plus, when
+    ``hf_generate`` ran, each other method's time ratio to it (of medians and the median per round).
+    """
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    attention_mask = torch.ones_like(input_ids)
+    gen_device = device if device.type == "cuda" else "cpu"
+    kv_bytes: dict[str, int] = {}
+
+    def run(method: str) -> None:
+        generator = torch.Generator(gen_device).manual_seed(seed)
+        if method == "hf_generate":
+            torch.manual_seed(seed)  # generate draws from the global RNG
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                num_return_sequences=k,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad_token_id,
+            )
+            assert out.shape == (batch * k, prompt_len + new_tokens), out.shape
+            kv_bytes[method] = _prompt_kv_bytes_hf(model, batch * k, prompt_len)
+        else:
+            out = sample_group(
+                model, input_ids, attention_mask, k=k, max_new_tokens=new_tokens, temperature=1.0,
+                generator=generator, strategy=method, progress=False,
+            )
+            assert out.strategy == method and out.sequences.shape == (batch * k, new_tokens)
+            kv_bytes[method] = out.prompt_kv_bytes
+
+    policy = RepeatPolicy(warmup=1, min_reps=rounds, max_reps=rounds, budget_s=0.0)
+    with torch.no_grad():
+        samples = measure_interleaved({m: functools.partial(run, m) for m in methods}, device, policy,
+                                      raise_errors=True)
+    for method, got in samples.items():
+        log(f"k={k} {method}: " + ", ".join(f"{s.seconds:.2f}" for s in got) + " s")
+    result: dict = {
+        "methods": {
+            m: {
+                "seconds": [s.seconds for s in samples[m]],
+                "median_s": statistics.median(s.seconds for s in samples[m]),
+                "peak_bytes": [s.peak_bytes for s in samples[m]],
+                "prompt_kv_bytes": kv_bytes[m],
+                "prompt_kv_bytes_source": "computed" if m == "hf_generate" else "measured (GroupSample)",
+            }
+            for m in methods
+        },
+    }
+    if "hf_generate" in methods:
+        hf = result["methods"]["hf_generate"]["median_s"]
+        others = [m for m in methods if m != "hf_generate"]
+        result["ratio_vs_hf"] = {m: result["methods"][m]["median_s"] / hf for m in others}
+        # Rounds are interleaved, so a per-round ratio cancels load drift between rounds on a shared machine.
+        per_round = {
+            m: [a.seconds / b.seconds for a, b in zip(samples[m], samples["hf_generate"])] for m in others
+        }
+        result["ratio_vs_hf_per_round"] = per_round
+        result["ratio_vs_hf_median_of_rounds"] = {m: statistics.median(r) for m, r in per_round.items()}
+    return result
 
 
 def main() -> None:
@@ -74,46 +147,7 @@ def main() -> None:
         parser.error(f"--methods: unknown {sorted(unknown)}, choose from {METHODS}")
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
-    input_ids = _prompts(tokenizer, args.batch, args.prompt_len, args.seed).to(device)
-    attention_mask = torch.ones_like(input_ids)
-    k, new = args.k, args.new_tokens
-    gen_device = device if device.type == "cuda" else "cpu"
-    kv_bytes: dict[str, int] = {}
-
-    def run(method: str, new_tokens: int) -> None:
-        generator = torch.Generator(gen_device).manual_seed(args.seed)
-        if method == "hf_generate":
-            torch.manual_seed(args.seed)  # generate draws from the global RNG
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                num_return_sequences=k,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            assert out.shape == (args.batch * k, args.prompt_len + new_tokens), out.shape
-            kv_bytes[method] = _prompt_kv_bytes_hf(model, args.batch * k, args.prompt_len)
-        else:
-            out = sample_group(
-                model, input_ids, attention_mask, k=k, max_new_tokens=new_tokens, temperature=1.0,
-                generator=generator, strategy=method, progress=False,
-            )
-            assert out.strategy == method and out.sequences.shape == (args.batch * k, new_tokens)
-            kv_bytes[method] = out.prompt_kv_bytes
-
-    samples: dict[str, list] = {m: [] for m in methods}
-    with torch.no_grad():
-        for round_ in range(args.rounds):
-            for method in methods:
-                policy = RepeatPolicy(warmup=1 if round_ == 0 else 0, min_reps=1, max_reps=1, budget_s=0.0)
-                samples[method] += measure(lambda: run(method, new), device, policy)
-                print(f"round {round_} {method}: {samples[method][-1].seconds:.2f} s", flush=True)
-
+    input_ids = prompts(tokenizer, args.batch, args.prompt_len, args.seed).to(device)
     result = {
         "benchmark": "sampling",
         "model": args.model or "embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
@@ -121,31 +155,14 @@ def main() -> None:
         "attn_implementation": model.config._attn_implementation,
         "batch": args.batch,
         "prompt_len": args.prompt_len,
-        "k": k,
-        "new_tokens": new,
+        "k": args.k,
+        "new_tokens": args.new_tokens,
         "rounds": args.rounds,
-        "methods": {
-            m: {
-                "seconds": [s.seconds for s in samples[m]],
-                "median_s": statistics.median(s.seconds for s in samples[m]),
-                "peak_bytes": [s.peak_bytes for s in samples[m]],
-                "prompt_kv_bytes": kv_bytes[m],
-                "prompt_kv_bytes_source": "computed" if m == "hf_generate" else "measured (GroupSample)",
-            }
-            for m in methods
-        },
+        **compare(model, input_ids, k=args.k, new_tokens=args.new_tokens, rounds=args.rounds, methods=methods,
+                  seed=args.seed, pad_token_id=tokenizer.pad_token_id,
+                  log=lambda line: print(line, flush=True)),
         "environment": environment(device),
     }
-    if "hf_generate" in methods:
-        hf = result["methods"]["hf_generate"]["median_s"]
-        others = [m for m in methods if m != "hf_generate"]
-        result["ratio_vs_hf"] = {m: result["methods"][m]["median_s"] / hf for m in others}
-        # Rounds are interleaved, so a per-round ratio cancels load drift between rounds on a shared machine.
-        per_round = {
-            m: [a.seconds / b.seconds for a, b in zip(samples[m], samples["hf_generate"])] for m in others
-        }
-        result["ratio_vs_hf_per_round"] = per_round
-        result["ratio_vs_hf_median_of_rounds"] = {m: statistics.median(r) for m, r in per_round.items()}
 
     folder = args.out / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)

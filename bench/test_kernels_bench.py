@@ -12,19 +12,23 @@ import pytest
 import torch
 
 from bench import kernels
+from bench.kernel_ops import (
+    FLOPS_PER_NHV, MODES, OPS, drop_grads, error_slice, make_inputs, make_step, max_errors, reference,
+)
+from bench.kernel_providers import build_providers
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOKENS, VOCAB, HIDDEN, DTYPE = (
     (8192, 128256, 4096, torch.bfloat16) if DEVICE.type == "cuda" else (256, 32000, 576, torch.float32)
 )
 CONFIG = kernels.make_config("full", DEVICE)
-PROVIDERS = {p.name: p for p in kernels.build_providers(DEVICE)}
+PROVIDERS = {p.name: p for p in build_providers(DEVICE)}
 CASES = [
     pytest.param(op, mode, name, id=f"{op}-{mode}-{name}")
-    for op in kernels.OPS
-    for mode in kernels.MODES
+    for op in OPS
+    for mode in MODES
     for name, provider in PROVIDERS.items()
-    if op in provider.ops
+    if op in provider.ops and mode in provider.modes
 ]
 
 
@@ -36,19 +40,19 @@ def test_kernel(benchmark, op: str, mode: str, name: str) -> None:
     reason = kernels.skip_reason(provider, op, TOKENS, VOCAB, CONFIG, DEVICE)
     if reason:
         pytest.skip(f"{name}: {reason}")
-    args = kernels.make_inputs(op, TOKENS, VOCAB, HIDDEN, DTYPE, DEVICE)
+    args = make_inputs(op, TOKENS, VOCAB, HIDDEN, DTYPE, DEVICE)
     fn = provider.build(op)
-    step = kernels.make_step(fn, op, mode, args)
+    step = make_step(fn, op, mode, args)
 
     def call() -> None:
         step()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()  # pytest-benchmark times on the host
 
-    benchmark.pedantic(call, setup=lambda: kernels.drop_grads(op, args), rounds=5, warmup_rounds=1)
-    errors = kernels.max_errors(fn, op, mode, args, kernels.reference(op, kernels.error_slice(op, args)))
-    flops = (2 if mode == "fwd" else 6) * TOKENS * HIDDEN * VOCAB
+    benchmark.pedantic(call, setup=lambda: drop_grads(op, args), rounds=5, warmup_rounds=1)
+    errors = max_errors(fn, op, mode, args, reference(op, error_slice(op, args)))
+    flops = FLOPS_PER_NHV[op, mode] * TOKENS * HIDDEN * VOCAB if op != "entropy" else None
     benchmark.extra_info.update(
         backend=provider.backend, tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE),
-        flops=flops if op != "entropy" else None, max_abs_err=max(errors.values()),
+        flops=flops, max_abs_err=max(errors.values()),
     )

@@ -36,7 +36,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -47,8 +46,8 @@ from transformers import PreTrainedModel
 # First: on a CPU it sets TRITON_INTERPRET, which must precede the loading of any Triton kernel.
 from . import kernels as kernel_bench
 from .common import (
-    PeakMemory, RepeatPolicy, environment, measure, median_seconds, package_version, random_llama, results_dir,
-    status_counts, write_results,
+    PeakMemory, RepeatPolicy, environment, error_line, mark_bad_rows, measure, median_seconds, package_version,
+    random_llama, results_dir, status_counts, write_results,
 )
 from gem_fast.kernels import resolve_backend
 from gem_fast.memory_plan import PRESETS, ModelShape
@@ -227,7 +226,7 @@ def run_variant(variant: Variant, make_model: Callable[[], PreTrainedModel], set
         samples = measure(step, device, setup.policy)
         row["resident_bytes"] = resident_bytes(params, optimizer)
     except Exception as exc:  # a variant failing (OOM, compile error) is a result to record
-        return {**row, "status": "error", "error": traceback.format_exception_only(exc)[-1].strip()[:300]}
+        return {**row, "status": "error", "error": error_line(exc)}
     seconds = median_seconds(samples)
     tflops = row["model_flops"] / seconds / 1e12
     peaks = [s.peak_bytes for s in samples if s.peak_bytes is not None]
@@ -244,8 +243,19 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print) -> dict:
-    """Every variant of ``setup`` on ``device``, between two matmul-rate probes; returns the results document."""
+def _set_mfu(rows: list[dict], probes: kernel_bench.Probes) -> None:
+    """MFU of the ok rows against the best matmul rate probed so far."""
+    rate = probes.as_dict()["matmul_tflops_used"]
+    for row in rows:
+        if row["status"] == "ok":
+            row["mfu"] = row["tflops"] / rate
+
+
+def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print,
+        emit: Callable[[dict], None] = lambda row: None, only: list[Variant] | None = None) -> dict:
+    """The variants ``only`` (default: all) of ``setup`` on ``device``, between two matmul-rate probes;
+    ``emit`` gets each row as it is measured (its MFU against the first probe; the document's rows
+    use the best of both). Returns the results document."""
     began = time.perf_counter()
     env = environment(device)
     probes = kernel_bench.Probes()
@@ -261,15 +271,14 @@ def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print) 
                  "decoder_matmul_params": decoder_matmul_weights(reference)}
     del reference
     rows = []
-    for variant in variants():
+    for variant in only or variants():
         rows.append(run_variant(variant, make_model, setup, device))
+        _set_mfu(rows[-1:], probes)  # against the first probe for now: an emitted row is complete
+        emit(rows[-1])
         log(_log_line(rows[-1]))
         _release(device)
     probes.run(setup.probe, device)
-    rate = probes.as_dict()["matmul_tflops_used"]
-    for row in rows:
-        if row["status"] == "ok":
-            row["mfu"] = row["tflops"] / rate
+    _set_mfu(rows, probes)
     return {
         "schema": 1,
         "config": {"mode": setup.mode, "model": setup.model, **described, "rows": setup.rows,
@@ -291,21 +300,29 @@ def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print) 
 # Validation and reports
 
 
+def row_problem(row: dict) -> str | None:
+    """What makes ``row`` incomplete or inconsistent (None: it is sound)."""
+    if missing := [f for f in REQUIRED_ROW_FIELDS if f not in row]:
+        return f"missing fields {missing}"
+    if row["status"] not in STATUSES:
+        return f"unknown status {row['status']!r}"
+    if row["status"] == "ok" and not (isinstance(row["time_s"], (int, float)) and row["time_s"] > 0
+                                      and row["repeats"] > 0 and isinstance(row["first_loss"], float)
+                                      and math.isfinite(row["first_loss"])):
+        return "ok without a positive time and a finite loss"
+    if row["status"] != "ok" and not (row.get("reason") or row.get("error")):
+        return f"status {row['status']!r} without a reason or error"
+    return None
+
+
 def validate(doc: dict) -> None:
-    """Raise ValueError unless ``doc`` is a complete results document."""
+    """Raise ValueError unless ``doc`` is a complete results document with sound rows."""
     for key in ("schema", "config", "environment", "probes", "rows"):
         if key not in doc:
             raise ValueError(f"results: missing {key!r}")
     for i, row in enumerate(doc["rows"]):
-        if missing := [f for f in REQUIRED_ROW_FIELDS if f not in row]:
-            raise ValueError(f"row {i}: missing fields {missing}")
-        if row["status"] not in STATUSES:
-            raise ValueError(f"row {i}: unknown status {row['status']!r}")
-        if row["status"] == "ok" and not (row["time_s"] > 0 and row["repeats"] > 0
-                                          and math.isfinite(row["first_loss"])):
-            raise ValueError(f"row {i}: ok without a positive time and a finite loss")
-        if row["status"] != "ok" and not (row.get("reason") or row.get("error")):
-            raise ValueError(f"row {i}: status {row['status']!r} without a reason or error")
+        if problem := row_problem(row):
+            raise ValueError(f"row {i}: {problem}")
 
 
 def _mb(n: int | None) -> str:
@@ -318,6 +335,30 @@ def _log_line(row: dict) -> str:
         return head + f"{row['status']}: {row.get('reason') or row.get('error')}"
     return head + (f"{row['time_s']:8.3f} s  {row['tokens_per_s']:9.0f} tok/s  {row['tflops']:.3g} TFLOP/s  "
                    f"peak +{_mb(row['peak_extra_bytes'])} MB  loss {row['first_loss']:.4f}")
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown table of training-step rows."""
+    lines = [
+        "| variant | loss backend | Liger layers | compile | attention | status | median step s | tokens/s | "
+        "model TFLOP/s | MFU | peak extra MB | resident MB | first loss |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        if r.get("status") == "ok" and "invalid" not in r:
+            mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
+            cells = [f"{r['time_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.3g}", mfu,
+                     _mb(r["peak_extra_bytes"]), _mb(r["resident_bytes"]), f"{r['first_loss']:.5f}"]
+            status = "ok"
+        else:
+            cells = ["–"] * 7
+            status = (f"invalid: {r['invalid']}" if "invalid" in r
+                      else f"{r.get('status')}: {r.get('reason') or r.get('error')}")
+        liger = r.get("liger_path") or ("on" if r.get("liger") else "off")
+        lines.append(f"| {r.get('variant')} | {r.get('loss_backend') or '–'} | {liger} | "
+                     f"{'on' if r.get('compile') else 'off'} | {r.get('attention')} | {status.replace('|', '/')} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(doc: dict) -> str:
@@ -343,27 +384,16 @@ def markdown(doc: dict) -> str:
         f"Peak extra: {cfg['memory_method']} beyond weights, optimizer state and inputs (gradients included); "
         "resident: weights + AdamW state.",
         "",
-        "| variant | loss backend | Liger layers | compile | attention | status | median step s | tokens/s | "
-        "model TFLOP/s | MFU | peak extra MB | resident MB | first loss |",
-        "|" + "---|" * 13,
+        *table(doc["rows"]),
     ]
-    for r in doc["rows"]:
-        if r["status"] == "ok":
-            cells = [f"{r['time_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['tflops']:.3g}",
-                     f"{100 * r['mfu']:.1f} %", _mb(r["peak_extra_bytes"]), _mb(r["resident_bytes"]),
-                     f"{r['first_loss']:.5f}"]
-        else:
-            cells = ["–"] * 7
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or r.get('error')}"
-        liger = r["liger_path"] or ("on" if r["liger"] else "off")
-        lines.append(f"| {r['variant']} | {r['loss_backend'] or '–'} | {liger} | {'on' if r['compile'] else 'off'}"
-                     f" | {r['attention']} | {status.replace('|', '/')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(doc: dict, out_dir: Path) -> list[Path]:
-    validate(doc)
-    return write_results(out_dir, "train_step", doc, markdown(doc))
+def write_outputs(doc: dict, out_dir: Path) -> tuple[list[Path], int]:
+    """train_step.json and train_step.md under ``out_dir``; returns them and how many rows were marked
+    invalid (written all the same)."""
+    bad = mark_bad_rows(doc["rows"], row_problem)
+    return write_results(out_dir, "train_step", doc, markdown(doc)), bad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
                     skip_compile="--no_compile given" if opts.no_compile else setup.skip_compile)
     out_dir = results_dir(opts.out, opts.quick, device)
     doc = run(setup, device, log=lambda line: print(line, flush=True))
-    for path in write_outputs(doc, out_dir):
+    paths, bad = write_outputs(doc, out_dir)
+    for path in paths:
         print(f"wrote {path}")
     print(f"{len(doc['rows'])} variants in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}")
-    return 0
+    if bad:
+        print(f"{bad} rows failed their checks and are marked invalid in {paths[0]}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ def test_bfloat16_model(tokenizer, batch):
     torch.testing.assert_close(outs[0].sequences[:, 0], outs[1].sequences[:, 0], rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bfloat16_shared_prefix_equals_expand(tokenizer, batch):
     model = tiny_llama(tokenizer).to("cuda", torch.bfloat16)

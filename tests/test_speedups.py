@@ -126,6 +126,7 @@ def test_liger_rope_matches_hugging_face_under_the_interpreter(llama_module_rest
     assert len(calls) == 2  # one Triton RoPE per layer in the forward
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's RMSNorm and SwiGLU kernels need CUDA")
 def test_liger_layers_match_hugging_face_on_cuda(llama_module_restored):
     tokenizer, cuda = char_tokenizer(), torch.device("cuda")
