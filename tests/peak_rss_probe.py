@@ -17,6 +17,15 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss() -> int:
+    # VmHWM belongs to this process's own address space. getrusage's ru_maxrss does not: Linux
+    # carries the parent's high-water mark across fork/vfork + exec, so a probe started from a
+    # large pytest process would report the parent's size.
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def main() -> None:
     backend, n, h, v = sys.argv[1], *map(int, sys.argv[2:5])
     torch.manual_seed(0)
@@ -28,8 +37,7 @@ def main() -> None:
     baseline = current_rss()
     logp, entropy = fused_logprob_entropy(hidden, weight, targets, backend=backend)
     (logp.sum() + entropy.sum()).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(peak - baseline)
+    print(peak_rss() - baseline)
 
 
 if __name__ == "__main__":
