@@ -4,7 +4,7 @@
     python -m bench.train_step --quick    # seconds: a tiny random Llama with a 32k vocab (CI)
 
 One step is what ``gem_fast.train`` runs for a micro-batch plus its optimizer step: the
-:class:`~gem_fast.train.PolicyLoss` forward (SFT objective, every predicted token weighted 1/N),
+:class:`~gem_fast.policy.PolicyLoss` forward (SFT objective, every predicted token weighted 1/N),
 backward, AdamW step and ``zero_grad(set_to_none=True)``, on fixed-length rows of random token ids
 without padding. fp32 weights; on a GPU the step runs under bf16 autocast, as ``train()`` does.
 
@@ -50,11 +50,12 @@ from .common import (
     random_llama, results_dir, status_counts, write_results,
 )
 from gem_fast.kernels import resolve_backend
-from gem_fast.memory_plan import PRESETS, ModelShape
+from gem_fast.shapes import PRESETS, ModelShape
 from gem_fast.models import (
     DEFAULT_GGUF_FILE, apply_liger_layers, liger_layer_names, load_model, use_liger_layers,
 )
-from gem_fast.train import PolicyLoss, parallelize
+from gem_fast.distributed import parallelize
+from gem_fast.policy import PolicyLoss
 
 STATUSES = ("ok", "not run", "error")
 REQUIRED_ROW_FIELDS = (
@@ -170,7 +171,7 @@ def sft_inputs(vocab: int, rows: int, seq_len: int, device: torch.device) -> tup
 
 
 def build_policy(variant: Variant, model: PreTrainedModel, device: torch.device) -> tuple[PolicyLoss, str]:
-    """Liger layers (if asked), then the engine's :func:`~gem_fast.train.parallelize`; returns the Liger path."""
+    """Liger layers (if asked), then the engine's :func:`~gem_fast.distributed.parallelize`; returns the Liger path."""
     if variant.liger:
         apply_liger_layers(model)
     patched = liger_layer_names(model)

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, TextIO
 
-from gem_fast.data import PreferencePair
+from gem_fast.data import PreferencePair, jsonl_rows
 
 __all__ = [
     "FORMATS",
@@ -113,13 +113,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             for index, row in enumerate(rows):
                 yield f"{path}[{index}]", row
             return
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{line_no}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+        yield from jsonl_rows(handle, path)
 
 
 def _first_char(handle: TextIO) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from collections.abc import Iterator
+from typing import Any, Protocol, Sequence, TextIO
 
 import torch
 
@@ -19,6 +20,7 @@ __all__ = [
     "PreferencePair",
     "EncodedBatch",
     "TokenizerLike",
+    "jsonl_rows",
     "load_preference_jsonl",
     "encode_prompt_responses",
     "encode_pairs",
@@ -39,6 +41,18 @@ class PreferencePair:
     subset: str | None = None
 
 
+def jsonl_rows(handle: TextIO, path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line of an open JSON Lines file as (``"path:line"``, parsed value), lazily;
+    ``ValueError`` with ``path:line`` on invalid JSON."""
+    for line_no, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{line_no}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+
+
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:
     """Read preference pairs from a JSONL file (at most ``limit`` of them, in file order).
 
@@ -50,16 +64,9 @@ def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list
     path = Path(path)
     pairs: list[PreferencePair] = []
     with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for where, row in jsonl_rows(handle, path):
             if limit is not None and len(pairs) >= limit:
                 break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in _REQUIRED_FIELDS:

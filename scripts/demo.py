@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(out / "sft"),
                     "--train_jsonl", str(train_file), "--out_dir", str(out / "dpo"), "--lr", "5e-6",
                     "--beta", "0.1", *batch, *common],
-        "SFT+GEM": ["scripts/train_sega.py", "--model_name_or_path", str(out / "sft"),
-                    "--train_jsonl", str(train_file), "--out_dir", str(out / "gem"), "--lr", "5e-6",
-                    "--k", str(args.k), "--lambda_fork", "0.4", "--top_m", "0.1", "--reward_mapping", "softmax",
-                    "--beta", "1.0", "--final_span", "marker", "--gen_max_new_tokens", str(args.gen_max_new_tokens),
-                    "--temperature", "1.0", "--top_p", "0.95", *batch, *common],
+        # SEGA's knobs (Eq. 1, rewards, sampler) from its demo YAML; its schedule is replaced by the demo's.
+        "SFT+GEM": ["scripts/train_sega.py", "--config", "configs/sega_demo.yaml",
+                    "--model_name_or_path", str(out / "sft"), "--train_jsonl", str(train_file),
+                    "--out_dir", str(out / "gem"), "--lr", "5e-6", "--max_steps", "0", "--warmup_steps", "0",
+                    "--save_every", "0", "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
+                    *batch, *common],
     }
     models = {"base (SmolLM2-135M-Instruct)": None, "SFT": out / "sft", "SFT+DPO": out / "dpo", "SFT+GEM": out / "gem"}
     rows, t0 = [], time.perf_counter()

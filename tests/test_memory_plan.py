@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import pytest
 
 from bench import memory_plan as bench_plan
+from gem_fast.config import TrainConfig, read_yaml
 from gem_fast.kernels import chunked
 from gem_fast.kernels.plan import PER_TOKEN_BYTES
 from gem_fast.memory_plan import (
-    GIB, PRESETS, Sampling, Setup, fused_loss_bytes, model_shape, naive_loss_bytes, plan_memory,
-    precision, setup_from_train_config,
+    GIB, Sampling, Setup, fused_loss_bytes, naive_loss_bytes, plan_memory, precision, setup_from_train_config,
 )
+from gem_fast.shapes import PRESETS, model_shape
 
 LLAMA3_8B = PRESETS["llama3-8b"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +167,7 @@ def test_activation_checkpointing_and_fused_loss_lower_the_peak():
 
 
 def test_sega_yaml_setup_and_its_8b_prediction():
-    import yaml
-
-    config = yaml.safe_load(SEGA_8B_YAML.read_text())
+    config = TrainConfig.from_flat(read_yaml(SEGA_8B_YAML))
     setup = setup_from_train_config(config, world_size=8, loss="fused", device="cuda")
     assert (setup.micro_batch, setup.seq_len, setup.response_len) == (10, 1280, 256)
     assert setup.sampling == Sampling(prompts=2, k=5, prompt_len=1024, new_tokens=256)

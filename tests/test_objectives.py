@@ -1,0 +1,44 @@
+"""SEGA's rating step: Eq. 1 scores by default, or Bradley-Terry / TrueSkill ratings of the token comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gem_fast.config import TrainConfig
+from gem_fast.distributed import DistEnv
+from gem_fast.objectives import SEGA
+from gem_fast.sampling import GroupSample
+from gem_fast.sega import sega_advantages
+
+
+def _sample() -> GroupSample:
+    """One prompt, k = 3 candidates of 8 tokens: 0 answers confidently, 2 hesitantly, 1 generates nothing."""
+    entropy = torch.tensor([[1.0, 2.0, 0.5, 1.5, 0.1, 0.1],
+                            [0.0] * 6,
+                            [1.0, 2.0, 0.5, 1.5, 2.0, 2.5]])
+    mask = torch.tensor([[True] * 6, [False] * 6, [True] * 6])
+    return GroupSample(torch.zeros(3, 6, dtype=torch.long), entropy, mask, "expand", 0, 0)
+
+
+def _sega(ranking: str) -> SEGA:
+    cfg = TrainConfig.from_flat({"objective": "sega", "k": 3, "ranking": ranking, "final_fraction": 0.34})
+    return SEGA(cfg, DistEnv.single(), [], tokenizer=None)
+
+
+def test_score_ranking_passes_eq1_scores_through():
+    scores, ratings = _sega("score").rate(_sample(), prompts=1)
+    assert ratings is scores and scores.shape == (1, 3)
+    assert scores[0, 1] == -math.inf and scores[0, 0] > scores[0, 2]
+
+
+@pytest.mark.parametrize("ranking", ["bradley_terry", "trueskill"])
+def test_fitted_rankings_order_like_the_tokens_and_keep_no_answer_at_minus_inf(ranking):
+    scores, ratings = _sega(ranking).rate(_sample(), prompts=1)
+    assert ratings.shape == scores.shape and not torch.equal(ratings, scores)
+    assert ratings[0, 1] == -math.inf  # no answer tokens: the reward mapping gives it 0
+    assert math.isfinite(ratings[0, 0]) and ratings[0, 0] > ratings[0, 2]
+    adv = sega_advantages(ratings, mapping="softmax")
+    assert adv[0, 0] > 0 > adv[0, 2]
