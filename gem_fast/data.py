@@ -8,19 +8,18 @@ the 1-based line number, so a broken row in a large file can be found at once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Any, Protocol, Sequence, TextIO
+from typing import Protocol, Sequence
 
 import torch
+
+from gem_fast.readers import jsonl_rows
 
 __all__ = [
     "PreferencePair",
     "EncodedBatch",
     "TokenizerLike",
-    "jsonl_rows",
     "load_preference_jsonl",
     "encode_prompt_responses",
     "encode_pairs",
@@ -39,18 +38,6 @@ class PreferencePair:
     chosen: str
     rejected: str
     subset: str | None = None
-
-
-def jsonl_rows(handle: TextIO, path: Path) -> Iterator[tuple[str, Any]]:
-    """Each non-blank line of an open JSON Lines file as (``"path:line"``, parsed value), lazily;
-    ``ValueError`` with ``path:line`` on invalid JSON."""
-    for line_no, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{line_no}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
 
 
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:

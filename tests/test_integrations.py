@@ -142,6 +142,7 @@ def _fsdp_worker(rank: int, port: int, root: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_patched_model_under_fsdp2_equals_one_process(tmp_path):
     mp.spawn(_fsdp_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     results = torch.load(tmp_path / "fsdp.pt")

@@ -52,6 +52,7 @@ def measured() -> dict[str, dict]:
 # Predicted vs measured (CPU, fp32).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["naive", "fused", "fsdp2"])
 def test_predicted_step_and_static_memory_match_measured(measured, name):
     row = measured[name]
@@ -60,6 +61,7 @@ def test_predicted_step_and_static_memory_match_measured(measured, name):
     assert abs(got["static_bytes"] / predicted["static_bytes"] - 1) <= STATIC_TOL, (name, predicted, got)
 
 
+@pytest.mark.slow
 def test_fused_saves_what_the_plan_says_over_naive(measured):
     naive, fused = measured["naive"], measured["fused"]
     saved = naive["measured"]["step_bytes"] - fused["measured"]["step_bytes"]
@@ -68,6 +70,7 @@ def test_fused_saves_what_the_plan_says_over_naive(measured):
     assert abs(saved / predicted - 1) <= STEP_TOL, (saved, predicted)
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_static_terms_over_ranks(measured):
     row = measured["fsdp2"]
     unsharded = plan_memory(bench_plan.WIDE, replace(MEASURED[2][2], world_size=1))

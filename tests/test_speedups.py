@@ -189,6 +189,7 @@ def _hand_counted_flops(shape: train_step.ModelShape, rows: int, seq_len: int) -
             + 6 * shape.hidden * shape.vocab * rows * (seq_len - 1))
 
 
+@pytest.mark.slow
 def test_train_step_quick_record_is_consistent(train_step_quick):
     doc, out = train_step_quick
     train_step.validate(doc)
@@ -217,6 +218,7 @@ def test_train_step_quick_record_is_consistent(train_step_quick):
     assert ok["fused"]["peak_extra_bytes"] < 0.75 * ok["naive"]["peak_extra_bytes"]
 
 
+@pytest.mark.slow
 def test_train_step_quick_says_why_variants_did_not_run(train_step_quick):
     doc, _ = train_step_quick
     assert len(doc["rows"]) == len(train_step.variants()) == 8

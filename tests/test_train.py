@@ -104,6 +104,7 @@ def _naive_step0(model_dir: Path, data: Path) -> tuple[torch.Tensor, dict[str, t
     return loss.detach(), {f"model.{n}": p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
     model_dir, data, root, rank0 = two_process_run
     naive_loss, naive_grads = _naive_step0(model_dir, data)
@@ -121,6 +122,7 @@ def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
     assert all(abs(s / rank0["total_numel"] - 0.5) < 0.05 for s in shares)
 
 
+@pytest.mark.slow
 def test_reference_logprobs_sharded_equal_one_process(two_process_run):
     model_dir, data, root, _ = two_process_run
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
@@ -163,6 +165,7 @@ def test_reference_logprobs_cache_is_keyed_by_data_and_settings(tmp_path):
     torch.testing.assert_close(other.chosen, first.chosen)  # ...not read back as `edited`
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):
     model_dir, data, root, rank0 = two_process_run
     single = train(run_config(model_dir, data, tmp_path / "single", batch_size=4))
