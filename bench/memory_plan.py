@@ -124,7 +124,7 @@ def _batch(vocab: int, rows: int, seq_len: int, seed: int):
     return ids, mask, response, weights / weights.sum()
 
 
-def _build(shape: ModelShape, setup: Setup):
+def _build_policy(shape: ModelShape, setup: Setup):
     from gem_fast.distributed import parallelize
     from gem_fast.policy import PolicyLoss
 
@@ -166,7 +166,7 @@ def _run_case(shape: ModelShape, setup: Setup, rank: int, port: int, results) ->
         _warm_up(setup)
         meter = PeakMemory(torch.device("cpu"))
         rss0 = _settle(meter)
-        policy, optimizer = _build(shape, setup)
+        policy, optimizer = _build_policy(shape, setup)
         _step(policy, optimizer, _batch(shape.vocab, 1, 16, seed=rank))  # creates the AdamW states
         if setup.sampling is None:
             batch = _batch(shape.vocab, setup.micro_batch, setup.seq_len, seed=100 + rank)
@@ -197,7 +197,7 @@ def _warm_up(setup: Setup) -> None:
     child starts without the parent's file-backed pages in its page tables, and faulting them
     in would count as resident growth.
     """
-    policy, optimizer = _build(TINY, replace(setup, micro_batch=2, seq_len=32, response_len=None, sampling=None))
+    policy, optimizer = _build_policy(TINY, replace(setup, micro_batch=2, seq_len=32, response_len=None, sampling=None))
     for _ in range(2):
         _step(policy, optimizer, _batch(TINY.vocab, 2, 32, seed=0))
     if setup.sampling is not None:

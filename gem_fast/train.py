@@ -122,11 +122,11 @@ def _open_metrics(path: Path, start: int) -> TextIO:
     return path.open("a")
 
 
-def _forward_backward(policy: PolicyLoss, micro: list[MicroBatch], autocast: Any, device: torch.device
+def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device
                       ) -> torch.Tensor:
     """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync)."""
     loss_sum = torch.zeros((), device=device)
-    for mb in micro:
+    for mb in micro_batches:
         with autocast:
             loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask,
                           mb.token_weights, mb.reference) * mb.loss_scale
@@ -142,10 +142,11 @@ def _step_record(loss_sum: torch.Tensor, stop: bool, stats: dict[str, torch.Tens
     Besides one per micro-step (the kept rows of the loss), the step's only host sync, at its
     boundary: one all-reduce of loss, stop request and stats, read back with the grad norm.
     """
-    packed = torch.stack([loss_sum / env.world, torch.tensor(float(stop), device=env.device),
-                          *[v.to(env.device, torch.float32) for v in stats.values()]])
-    *packed, norm = torch.cat([all_reduce_sum(packed, env), grad_norm.reshape(1).to(packed)]).tolist()
-    return {"loss": packed[0], "grad_norm": norm, **{k: v / env.world for k, v in zip(stats, packed[2:])}}, packed[1] > 0
+    local = torch.stack([loss_sum / env.world, torch.tensor(float(stop), device=env.device),
+                         *[v.to(env.device, torch.float32) for v in stats.values()]])
+    *sums, norm = torch.cat([all_reduce_sum(local, env), grad_norm.reshape(1).to(local)]).tolist()
+    loss, stops, *stat_sums = sums
+    return {"loss": loss, "grad_norm": norm, **{k: v / env.world for k, v in zip(stats, stat_sums)}}, stops > 0
 
 
 def train(
@@ -198,8 +199,8 @@ def train(
         with _stop_on_signals() as received:
             for step in range(start, total_steps):
                 t0 = time.perf_counter()
-                micro, stats = objective.step_batches(policy, step)
-                loss_sum = _forward_backward(policy, micro, autocast, env.device)
+                micro_batches, stats = objective.step_batches(policy, step)
+                loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
                 grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
                 values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
                 record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cost = run_stage(stages[name], out / f"{slug}_train.log") if name in stages else None
         report_path = out / f"{slug}_eval.json"
         eval_args = ["scripts/eval_pref_accuracy.py", "--eval_jsonl", str(TEST), "--beta", "1.0",
-                     "--chat_template", "--limit", str(args.eval_pairs), "--backend", backend,
+                     "--chat_template", "--limit", str(args.eval_pairs), "--kernel_backend", backend,
                      "--device", device, "--output_json", str(report_path)]
         if model_dir is not None:
             eval_args += ["--model_name_or_path", str(model_dir)]

@@ -209,6 +209,9 @@ def test_cli_reads_the_training_yaml_and_flags_win(capsys):
     assert "10 rows × 1280 tokens" in out and "2 prompts × k=5" in out
     assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--k", "8"]) == 0
     assert "16 rows × 1280 tokens" in capsys.readouterr().out
+    # The training config's names work as well as the planner's older ones (batch_size = micro_batch).
+    assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--batch_size", "1"]) == 0
+    assert "5 rows × 1280 tokens" in capsys.readouterr().out
 
 
 def test_cli_rejects_a_bad_model_naming_it(capsys):

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend")
+    p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
+                   help="kernel backend (as the training scripts' --kernel_backend)")
     p.add_argument("--output_json", default="outputs/pref_accuracy.json", help="where the JSON report goes")
     return p.parse_args(argv)
 

@@ -1,19 +1,20 @@
 """Per-GPU peak memory of a gem_fast training step, naive loss vs fused, before renting the GPUs.
 
-    python scripts/plan_memory.py --model llama3-8b --world_size 8 --micro_batch 2 --seq_len 4096 \
+    python scripts/plan_memory.py --model llama3-8b --world_size 8 --batch_size 2 --max_length 4096 \
         --activation_checkpointing
     python scripts/plan_memory.py --model llama3-8b --world_size 8 --config configs/llama3_8b_sega_8gpu.yaml
-    python scripts/plan_memory.py --model path/to/config.json --device cpu --micro_batch 4 --seq_len 512
+    python scripts/plan_memory.py --model path/to/config.json --device cpu --batch_size 4 --max_length 512
 
 Prints a markdown table: the terms of each loss's peak phase, every phase's total (end of
 forward, backward, end of backward, optimizer step, SEGA prefill and decode), the fixed
 allowances and whether the peak fits ``--gpu_memory_gib``. The model is an analytic one
 (gem_fast/memory_plan.py), checked against measured CPU peaks by ``python -m bench.memory_plan``.
 
-SEGA (``--k`` given, or a SEGA YAML): ``--micro_batch`` is prompts per rank and ``--seq_len`` the
-prompt length (the YAML's batch_size and max_length); the step trains micro_batch × k rows of
-seq_len + gen_max_new_tokens tokens and the sampling phase is planned too. Flags given win over
-the YAML.
+The flags are the training config's (:mod:`gem_fast.config`; ``--micro_batch`` and ``--seq_len``
+are older names of ``--batch_size`` and ``--max_length``). SEGA (``--k`` given, or a SEGA YAML):
+``--batch_size`` is prompts per rank and ``--max_length`` the prompt length; the step trains
+batch_size × k rows of max_length + gen_max_new_tokens tokens and the sampling phase is planned
+too. Flags given win over the YAML.
 """
 
 from __future__ import annotations
