@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from gem_fast.kernels import BACKENDS
+from gem_fast.ranking import RATING_METHODS
 
 __all__ = ["RunConfig", "OptimConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
            "TrainConfig", "parse_bool", "read_yaml", "parse_config"]
@@ -97,9 +98,9 @@ class SegaConfig:
                                           "(flag alias --beta)")
     final_span: Literal["last_fraction", "marker"] = _opt("last_fraction", "which tokens Eq. 1 scores as the answer")
     final_fraction: float = _opt(0.25, "last_fraction: that fraction of a candidate's last tokens")
-    ranking: Literal["score", "bradley_terry", "trueskill"] = _opt(
-        "score", "what the reward mapping receives: the Eq. 1 scores, or Bradley-Terry / TrueSkill ratings fitted "
-                 "to the candidates' token-level entropy comparisons")
+    ranking: str = _opt("score", "what the reward mapping receives: the Eq. 1 scores, or Bradley-Terry / TrueSkill "
+                                 "ratings fitted to the candidates' token-level entropy comparisons",
+                        choices=RATING_METHODS)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gem_fast.kernels import resolve_backend
+from gem_fast.ranking import RATING_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, TEST = ROOT / "data/arith/train.jsonl", ROOT / "data/arith/test.jsonl"
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="SEGA candidates per prompt")
     parser.add_argument("--gen_max_new_tokens", type=int, default=40, help="SEGA candidate length cap")
     parser.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to evaluate")
+    parser.add_argument("--ranking", choices=RATING_METHODS, default="score",
+                        help="what SEGA's reward mapping receives (train_sega.py --ranking)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out_dir).resolve()
     if out.exists() and any(out.iterdir()):
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "SFT+GEM": ["scripts/train_sega.py", "--config", "configs/sega_demo.yaml",
                     "--model_name_or_path", str(out / "sft"), "--train_jsonl", str(train_file),
                     "--out_dir", str(out / "gem"), "--lr", "5e-6", "--max_steps", "0", "--warmup_steps", "0",
-                    "--save_every", "0", "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
+                    "--save_every", "0", "--ranking", args.ranking, "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
                     *batch, *common],
     }
     models = {"base (SmolLM2-135M-Instruct)": None, "SFT": out / "sft", "SFT+DPO": out / "dpo", "SFT+GEM": out / "gem"}
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, {args.steps} steps x "
-        f"{args.prompts_per_step} prompts per trained stage (k={args.k} for GEM), "
+        f"{args.prompts_per_step} prompts per trained stage (k={args.k}, ranking {args.ranking} for GEM), "
         f"{args.eval_pairs} held-out pairs, total {total / 60:.1f} min",
         "",
         "| model | pref. accuracy | 95% CI | ties | train time s | train peak RSS MiB | eval time s |",

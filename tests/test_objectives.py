@@ -1,4 +1,5 @@
-"""SEGA's rating step: Eq. 1 scores by default, or Bradley-Terry / TrueSkill ratings of the token comparisons."""
+"""SEGA's rating step: Eq. 1 scores by default, or Bradley-Terry / TrueSkill ratings of the token comparisons;
+a training step with each."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import math
 
 import pytest
 import torch
+from tiny_lm import run_config, write_run_inputs
 
 from gem_fast.config import TrainConfig
 from gem_fast.distributed import DistEnv
 from gem_fast.objectives import SEGA
 from gem_fast.sampling import GroupSample
 from gem_fast.sega import sega_advantages
+from gem_fast.train import train
 
 
 def _sample() -> GroupSample:
@@ -42,3 +45,14 @@ def test_fitted_rankings_order_like_the_tokens_and_keep_no_answer_at_minus_inf(r
     assert math.isfinite(ratings[0, 0]) and ratings[0, 0] > ratings[0, 2]
     adv = sega_advantages(ratings, mapping="softmax")
     assert adv[0, 0] > 0 > adv[0, 2]
+
+
+@pytest.mark.parametrize("ranking", ["score", "trueskill"])
+def test_sega_trains_with_each_ranking(tmp_path, ranking):
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    cfg = run_config(model_dir, data, tmp_path / "out", objective="sega", ranking=ranking, k=3, gen_max_new_tokens=5,
+                     batch_size=2, max_steps=1, export_hf=False)
+    records = []
+    result = train(cfg, on_step=lambda step, record, policy: records.append(record))
+    assert result.steps_done == 1 and math.isfinite(result.losses[0])
+    assert records[0]["adv_abs_mean"] > 0 and records[0]["gen_len_mean"] > 0
