@@ -41,15 +41,15 @@ class SEGA(Objective):
         micro_batches, stats = [], []
         policy.eval()
         for micro in range(run.grad_accum):
-            rows = self.micro_pairs(step, micro)
+            pairs = self.micro_pairs(step, micro)
             prompt_ids, prompt_mask = (t.to(env.device) for t in encode_prompts(
-                self.tokenizer, [p.prompt for p in rows], max_length=run.max_length, chat_template=run.chat_template))
+                self.tokenizer, [p.prompt for p in pairs], max_length=run.max_length, chat_template=run.chat_template))
             out = policy.sample(
                 prompt_ids, prompt_mask, k=sampling.k, max_new_tokens=sampling.gen_max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, generator=generator, progress=False,
             )
-            scores, ratings = self.rate(out, len(rows))
+            scores, ratings = self.rate(out, len(pairs))
             adv = sega_advantages(ratings, mapping=self.cfg.sega.reward_mapping,
                                   temperature=self.cfg.sega.reward_temperature)
             batch = join_prompt_and_generation(prompt_ids, prompt_mask, out.sequences, out.mask)

@@ -24,9 +24,9 @@ class SFT(Objective):
         run, env = self.cfg.run, self.env
         batches = []
         for micro in range(run.grad_accum):
-            rows = self.micro_pairs(step, micro)
+            pairs = self.micro_pairs(step, micro)
             batches.append(encode_prompt_responses(
-                self.tokenizer, [p.prompt for p in rows], [p.chosen for p in rows],
+                self.tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
                 max_length=run.max_length, chat_template=run.chat_template, padding_side="right",
             ))
         local_tokens = sum(b.response_mask[:, 1:].sum() for b in batches).to(torch.float32).to(env.device)
