@@ -193,13 +193,24 @@ def _arg_spec(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     return {**spec, "type": str}  # str and str | None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's fields by flat name: top-level keys, or a section's mapping (``optim: {lr: ...}``)."""
+def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A config file's fields by flat name: top-level keys, or a section's mapping (``optim: {lr: ...}``).
+
+    A nested section must be one of ``sections`` (None: any) and hold only its own fields
+    (there, ``beta`` is never SEGA's alias); ``ValueError`` naming the file otherwise.
+    """
     loaded = yaml.safe_load(Path(path).read_text()) or {}
-    sections = {s.name for s in _sections()}
+    by_name = {s.name: s.type_ for s in _sections() if sections is None or s.name in sections}
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
-        flat.update(value if key in sections and isinstance(value, dict) else {key: value})
+        if not isinstance(value, dict):
+            flat[key] = value
+            continue
+        if key not in by_name:
+            raise ValueError(f"{path}: {key!r} is not a config section here (sections: {sorted(by_name)})")
+        if unknown := sorted(set(value) - {f.name for f in dataclasses.fields(by_name[key])}):
+            raise ValueError(f"{path}: unknown keys {unknown} in section {key!r}")
+        flat.update(value)
     return flat
 
 
@@ -234,7 +245,10 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
     values: dict[str, Any] = {"objective": objective}
     if "config" in cli:
         path = cli.pop("config")
-        loaded = read_yaml(path)
+        try:
+            loaded = read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden))
+        except ValueError as exc:
+            parser.error(str(exc))
         if unknown := sorted(set(loaded) - set(specs)):
             parser.error(f"{path}: unknown keys {unknown} for {objective}")
         for name, value in loaded.items():

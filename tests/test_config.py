@@ -46,6 +46,14 @@ def test_bad_values_and_keys_stop_with_a_message(tmp_path, capsys):
         parse_config(["--length_normalize"], objective="sega", description="t")  # a pair flag
     with pytest.raises(KeyError, match="nonsense"):
         TrainConfig.from_flat({"nonsense": 1})
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("pair: {beta: 0.1}\n")  # DPO's beta, not SEGA's reward temperature
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(nested)], objective="sega", description="t")
+    assert "'pair' is not a config section here" in capsys.readouterr().err
+    nested.write_text("sega: {lr: 0.1}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\] in section 'sega'"):
+        read_yaml(nested)
 
 
 def test_help_comes_from_the_field_docs(capsys):

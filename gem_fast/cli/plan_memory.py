@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None:
         if not args.config.is_file():
             parser.error(f"--config: {args.config} is not a file")
-        config = read_yaml(args.config)
+        try:
+            config = read_yaml(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
     flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing")
     config.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
     losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
