@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PIP = $(PY) -m pip
 
-.PHONY: setup test demo gpu-wheels
+.PHONY: setup test test-fast demo gpu-wheels
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +15,10 @@ setup:
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (subprocesses, 2-rank FSDP, benchmarks, the real 135M model).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) scripts/demo.py --out_dir outputs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -1,10 +1,10 @@
 """The GPU suite: every GPU measurement of the project in one command, each stage in its own process and time box.
 
     bash bench/gpu_suite.sh --out DIR [--stages a,b] [--merge PREV]   # on the GPU machine (see the README)
-    bash bench/gpu_suite.sh --dry-run --out DIR                       # every stage at tiny sizes on a CPU (CI)
+    bash bench/gpu_suite.sh --dry_run --out DIR                       # every stage at tiny sizes on a CPU (CI)
     python -m bench.gpu_suite --list                                  # the stages and their time boxes
 
-A stage runs as ``python -m bench.gpu_suite --run-stage NAME`` in a new process group; at its time
+A stage runs as ``python -m bench.gpu_suite --run_stage NAME`` in a new process group; at its time
 box the group gets SIGTERM, then SIGKILL, so a hang, a crash or an out-of-memory loses that stage
 alone. A stage appends its rows to a JSON-lines file as it measures them; after every stage the
 driver rewrites DIR/summary.json, DIR/results.json and DIR/results.md, so what finished is on disk
@@ -187,8 +187,8 @@ def execute(stage: Stage, *, dry_run: bool, assets: Path | None, work: Path, log
     for results.json."""
     rows_path = work / f"{stage.name}.jsonl"
     rows_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench.gpu_suite", "--run-stage", stage.name, "--target", stage.target,
-           "--rows", str(rows_path), "--box", str(stage.box_s), *(["--dry-run"] if dry_run else []),
+    cmd = [sys.executable, "-m", "bench.gpu_suite", "--run_stage", stage.name, "--target", stage.target,
+           "--rows", str(rows_path), "--box", str(stage.box_s), *(["--dry_run"] if dry_run else []),
            *(["--assets", str(assets)] if assets else [])]
     log(f"=== stage {stage.name} (time box {stage.box_s} s): {stage.what}")
     began = time.monotonic()
@@ -345,12 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bash bench/gpu_suite.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the 5 result files (on the device: $OUT)")
     parser.add_argument("--stages", help=f"comma-separated subset, run in suite order (default: {','.join(BY_NAME)})")
-    parser.add_argument("--dry-run", action="store_true", help="every stage at tiny sizes on the CPU")
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="every stage at tiny sizes on the CPU")
     parser.add_argument("--assets", type=Path, default=REPO / ".gpu_assets",
                         help="tokenizer files + config.json of the embedded model (make gpu-wheels)")
     parser.add_argument("--merge", type=Path, help="an earlier run's folder (or results.json): keep its other stages")
     parser.add_argument("--list", action="store_true", help="print the stages and their time boxes")
-    parser.add_argument("--run-stage", help=argparse.SUPPRESS)
+    parser.add_argument("--run_stage", "--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--box", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -2,7 +2,7 @@
 # The GPU suite: every GPU measurement of the project in one command, <= 5 minutes on one H100.
 #
 #   bash bench/gpu_suite.sh --out DIR [--stages a,b,...] [--merge PREV_DIR]   # on the GPU machine
-#   bash bench/gpu_suite.sh --dry-run --out DIR      # every stage at tiny sizes on a CPU (CI runs it)
+#   bash bench/gpu_suite.sh --dry_run --out DIR      # every stage at tiny sizes on a CPU (CI runs it; or --dry-run)
 #   bash bench/gpu_suite.sh --list                   # the stages and their time boxes
 #
 # The stages, their time boxes and how they are isolated are in bench/gpu_suite.py (STAGES);
@@ -15,7 +15,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dry_run=0
 for arg in "$@"; do
-  [[ "$arg" == "--dry-run" ]] && dry_run=1
+  [[ "$arg" == "--dry-run" || "$arg" == "--dry_run" ]] && dry_run=1
 done
 if (( dry_run )) && [[ -x "$repo/.venv/bin/python" ]]; then
   python="$repo/.venv/bin/python"

@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import os
 import queue
-import socket
 import subprocess
 import sys
 import time
@@ -40,8 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gem_fast.memory_plan import (GIB, ModelShape, Sampling, Setup, markdown_table, model_shape, plan_memory,
+from gem_fast.config import TrainConfig, read_yaml
+from gem_fast.distributed import free_port
+from gem_fast.memory_plan import (GIB, Sampling, Setup, markdown_table, plan_memory,
                                   setup_from_train_config)
+from gem_fast.shapes import ModelShape, model_shape
 
 from .common import PeakMemory, environment, random_llama, write_results
 
@@ -122,8 +124,9 @@ def _batch(vocab: int, rows: int, seq_len: int, seed: int):
     return ids, mask, response, weights / weights.sum()
 
 
-def _build(shape: ModelShape, setup: Setup):
-    from gem_fast.train import PolicyLoss, parallelize
+def _build_policy(shape: ModelShape, setup: Setup):
+    from gem_fast.distributed import parallelize
+    from gem_fast.policy import PolicyLoss
 
     model = random_llama(shape, torch.device("cpu"))
     backend = "naive" if setup.loss == "naive" else "torch"
@@ -141,7 +144,7 @@ def _step(policy, optimizer, batch) -> None:
 
 
 def _sample(policy, vocab: int, sampling: Sampling, seed: int) -> None:
-    """SEGA's sampling call as ``sega_micro_batches`` makes it: left-padded prompts, top-p 0.95,
+    """SEGA's sampling call as the SEGA objective (``gem_fast.objectives.sega``) makes it: left-padded prompts, top-p 0.95,
     no EOS, so every candidate runs ``new_tokens`` steps."""
     ids, mask, _, _ = _batch(vocab, sampling.prompts, sampling.prompt_len, seed)
     generator = torch.Generator().manual_seed(seed)
@@ -163,7 +166,7 @@ def _run_case(shape: ModelShape, setup: Setup, rank: int, port: int, results) ->
         _warm_up(setup)
         meter = PeakMemory(torch.device("cpu"))
         rss0 = _settle(meter)
-        policy, optimizer = _build(shape, setup)
+        policy, optimizer = _build_policy(shape, setup)
         _step(policy, optimizer, _batch(shape.vocab, 1, 16, seed=rank))  # creates the AdamW states
         if setup.sampling is None:
             batch = _batch(shape.vocab, setup.micro_batch, setup.seq_len, seed=100 + rank)
@@ -182,12 +185,6 @@ def _run_case(shape: ModelShape, setup: Setup, rank: int, port: int, results) ->
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TINY = ModelShape("tiny", hidden=64, layers=1, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                   vocab=512, tied=True)
 
@@ -200,7 +197,7 @@ def _warm_up(setup: Setup) -> None:
     child starts without the parent's file-backed pages in its page tables, and faulting them
     in would count as resident growth.
     """
-    policy, optimizer = _build(TINY, replace(setup, micro_batch=2, seq_len=32, response_len=None, sampling=None))
+    policy, optimizer = _build_policy(TINY, replace(setup, micro_batch=2, seq_len=32, response_len=None, sampling=None))
     for _ in range(2):
         _step(policy, optimizer, _batch(TINY.vocab, 2, 32, seed=0))
     if setup.sampling is not None:
@@ -215,7 +212,7 @@ def _probe(cases: list[tuple[ModelShape, Setup]]) -> list[list[dict]]:
     out = []
     for shape, setup in cases:
         results = fork.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [fork.Process(target=_run_case, args=(shape, setup, rank, port, results))
                  for rank in range(setup.world_size)]
         for p in procs:
@@ -300,13 +297,11 @@ def llama3_8b_predictions() -> tuple[list[dict], str]:
     """Llama-3-8B on 8×A100-80GB (FSDP2, bf16, Liger layers): the SEGA YAML's setting, then SFT
     sweeps over micro-batch, sequence length and activation checkpointing; FlashAttention unless
     the row says SDPA. Returns the JSON records and a markdown table (GiB per GPU, allowances in)."""
-    import yaml
-
     shape = model_shape("llama3-8b")
-    sega = yaml.safe_load((ROOT / "configs" / "llama3_8b_sega_8gpu.yaml").read_text())
+    sega = read_yaml(ROOT / "configs" / "llama3_8b_sega_8gpu.yaml")
     settings: list[tuple[str, Setup]] = [
         (f"SEGA YAML{'' if ac else ', AC off'}: 2 prompts × k=5",
-         setup_from_train_config({**sega, "activation_checkpointing": ac}, world_size=8, loss="fused", device="cuda"))
+         setup_from_train_config(TrainConfig.from_flat({**sega, "activation_checkpointing": ac}), world_size=8, loss="fused", device="cuda"))
         for ac in (True, False)
     ]
     for seq_len in (2048, 4096):

@@ -1,7 +1,7 @@
 """Group sampling: gem_fast.sampling.sample_group vs HF ``generate(num_return_sequences=k)``.
 
 Same prompts, same sampling settings (temperature 1, no top-p, no top-k, exactly
-``--new-tokens`` tokens per candidate: EOS is disabled on both sides), so the work differs
+``--new_tokens`` tokens per candidate: EOS is disabled on both sides), so the work differs
 only in how the prompt is handled: HF repeats each prompt k times before prefill;
 ``sample_group`` prefills it once and reuses its KV cache (``shared_prefix``: one copy of the
 prompt K/V; ``expand``: the cache repeated k times after prefill).
@@ -121,34 +121,29 @@ def compare(model, input_ids: torch.Tensor, *, k: int, new_tokens: int, rounds: 
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF folder, .gguf file or Hub id (default: embedded SmolLM2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--batch", type=int, default=1, help="prompts B")
-    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prompt_len", "--prompt-len", type=int, default=512)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new_tokens", "--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per method (after one warm-up)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser
 
-    device = torch.device(args.device)
+
+def run(args: argparse.Namespace, device: torch.device, methods: list[str]) -> dict:
+    """Load the model, draw the prompts and :func:`compare` the methods; the result document."""
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"--methods: unknown {sorted(unknown)}, choose from {METHODS}")
-
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
     input_ids = prompts(tokenizer, args.batch, args.prompt_len, args.seed).to(device)
-    result = {
+    return {
         "benchmark": "sampling",
         "model": args.model or "embedded SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
         "dtype": str(dtype).removeprefix("torch."),
@@ -164,12 +159,27 @@ def main() -> None:
         "environment": environment(device),
     }
 
-    folder = args.out / device_slug(device)
+
+def append_results(folder: Path, result: dict) -> None:
+    """Append ``result`` to ``sampling.json`` (every run kept) and its rows to ``sampling.md`` in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / "sampling.json"
     runs = json.loads(json_path.read_text()) if json_path.exists() else []
     json_path.write_text(json.dumps(runs + [result], indent=2) + "\n")
     _append_markdown(folder / "sampling.md", result)
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"--methods: unknown {sorted(unknown)}, choose from {METHODS}")
+    device = torch.device(args.device)
+    result = run(args, device, methods)
+    append_results(args.out / device_slug(device), result)
     medians = {m: result["methods"][m]["median_s"] for m in methods}
     print(json.dumps(medians | {k_: result.get(k_) for k_ in ("ratio_vs_hf", "ratio_vs_hf_median_of_rounds")}))
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -280,7 +280,8 @@ SEGA_COLUMNS = ("loss", "grad_norm", "score_mean", "no_answer_frac", "adv_abs_me
 def sega(ctx: StageContext) -> None:
     """Three SEGA steps through ``gem_fast.train`` (configs/sega_demo.yaml, answer span = last quarter) on the
     random-weight SmolLM2-shaped model: sampling, Eq. 1 scores, Eq. 2 loss, optimizer; the per-step records."""
-    from gem_fast.train import parse_config, train
+    from gem_fast.config import parse_config
+    from gem_fast.train import train
 
     from .gpu_assets import load_assets, random_model
 
@@ -306,14 +307,14 @@ def sega(ctx: StageContext) -> None:
         ctx.emit(rows[-1])
 
     result = train(cfg, on_step=on_step)
-    ctx.note(config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    ctx.note(config={k: str(v) if isinstance(v, Path) else v for k, v in cfg.to_flat().items()},
              device=str(device), losses=result.losses)
-    lines = [f"`gem_fast.train` (objective sega) on {device}: {cfg.batch_size} prompt × {cfg.grad_accum} micro-steps "
-             f"a step, k={cfg.k}, {cfg.gen_max_new_tokens} new tokens, Liger layers {cfg.liger_layers}; random "
+    lines = [f"`gem_fast.train` (objective sega) on {device}: {cfg.run.batch_size} prompt × {cfg.run.grad_accum} micro-steps "
+             f"a step, k={cfg.sampling.k}, {cfg.sampling.gen_max_new_tokens} new tokens, Liger layers {cfg.parallel.liger_layers}; random "
              "weights, so the numbers check the path, not the method.", "",
              "| step | " + " | ".join(SEGA_COLUMNS) + " |", "|---|" + "---|" * len(SEGA_COLUMNS)]
     lines += [f"| {r['step']} | " + " | ".join(f"{r.get(c, float('nan')):.4g}" for c in SEGA_COLUMNS) + " |"
               for r in rows]
     ctx.section(lines)
-    if len(result.losses) != cfg.max_steps:
-        raise RuntimeError(f"sega: {len(result.losses)} of {cfg.max_steps} steps ran")
+    if len(result.losses) != cfg.run.max_steps:
+        raise RuntimeError(f"sega: {len(result.losses)} of {cfg.run.max_steps} steps ran")

@@ -4,7 +4,7 @@
     python -m bench.train_step --quick    # seconds: a tiny random Llama with a 32k vocab (CI)
 
 One step is what ``gem_fast.train`` runs for a micro-batch plus its optimizer step: the
-:class:`~gem_fast.train.PolicyLoss` forward (SFT objective, every predicted token weighted 1/N),
+:class:`~gem_fast.policy.PolicyLoss` forward (SFT objective, every predicted token weighted 1/N),
 backward, AdamW step and ``zero_grad(set_to_none=True)``, on fixed-length rows of random token ids
 without padding. fp32 weights; on a GPU the step runs under bf16 autocast, as ``train()`` does.
 
@@ -50,11 +50,12 @@ from .common import (
     random_llama, results_dir, status_counts, write_results,
 )
 from gem_fast.kernels import resolve_backend
-from gem_fast.memory_plan import PRESETS, ModelShape
+from gem_fast.shapes import PRESETS, ModelShape
 from gem_fast.models import (
     DEFAULT_GGUF_FILE, apply_liger_layers, liger_layer_names, load_model, use_liger_layers,
 )
-from gem_fast.train import PolicyLoss, parallelize
+from gem_fast.distributed import parallelize
+from gem_fast.policy import PolicyLoss
 
 STATUSES = ("ok", "not run", "error")
 REQUIRED_ROW_FIELDS = (
@@ -83,7 +84,7 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class Setup:
+class StepCase:
     """What a run measures: model, rows of tokens, repeats, and why the compiled variants are not run (if so)."""
 
     mode: str
@@ -99,19 +100,19 @@ class Setup:
         return self.shape.name if self.shape else f"embedded {DEFAULT_GGUF_FILE} (fp32)"
 
 
-def make_setup(mode: str, device: torch.device) -> Setup:
+def make_setup(mode: str, device: torch.device) -> StepCase:
     """``quick``: the tiny model, no compile; ``full``: Llama-3.2-1B shape, 8×2048 (GPU) or SmolLM2, 2×256 (CPU)."""
     probe = kernel_bench.make_config(mode, device)
     if mode == "quick":
-        return Setup("quick", QUICK, rows=2, seq_len=128,
+        return StepCase("quick", QUICK, rows=2, seq_len=128,
                      policy=RepeatPolicy(warmup=1, min_reps=2, max_reps=2, budget_s=0.0), probe=probe,
                      skip_compile="quick mode: inductor needs tens of seconds to compile a layer")
     if device.type == "cuda":
-        return Setup("full-gpu", LLAMA_3_2_1B, rows=8, seq_len=2048,
+        return StepCase("full-gpu", LLAMA_3_2_1B, rows=8, seq_len=2048,
                      policy=RepeatPolicy(warmup=3, min_reps=5, max_reps=20, budget_s=5.0), probe=probe)
     # Warmup 1: the first step allocates AdamW's state and, compiled, runs inductor. Steps take
     # 5-20 s on two shared cores: up to 5 of them per variant.
-    return Setup("full-cpu", None, rows=2, seq_len=256,
+    return StepCase("full-cpu", None, rows=2, seq_len=256,
                  policy=RepeatPolicy(warmup=1, min_reps=3, max_reps=5, budget_s=40.0), probe=probe)
 
 
@@ -121,7 +122,7 @@ def variants() -> list[Variant]:
             for loss in ("naive", "fused")]
 
 
-def model_factory(setup: Setup, device: torch.device) -> Callable[[], PreTrainedModel]:
+def model_factory(setup: StepCase, device: torch.device) -> Callable[[], PreTrainedModel]:
     """A fresh model per variant, the same weights each time."""
     if setup.shape:
         return lambda: random_llama(setup.shape, device)
@@ -170,7 +171,7 @@ def sft_inputs(vocab: int, rows: int, seq_len: int, device: torch.device) -> tup
 
 
 def build_policy(variant: Variant, model: PreTrainedModel, device: torch.device) -> tuple[PolicyLoss, str]:
-    """Liger layers (if asked), then the engine's :func:`~gem_fast.train.parallelize`; returns the Liger path."""
+    """Liger layers (if asked), then the engine's :func:`~gem_fast.distributed.parallelize`; returns the Liger path."""
     if variant.liger:
         apply_liger_layers(model)
     patched = liger_layer_names(model)
@@ -183,7 +184,7 @@ def build_policy(variant: Variant, model: PreTrainedModel, device: torch.device)
     return policy, f"on: {len(patched) - rope} modules + RoPE" if patched else "off"
 
 
-def not_run_reason(variant: Variant, setup: Setup, device: torch.device, model_type: str) -> str | None:
+def not_run_reason(variant: Variant, setup: StepCase, device: torch.device, model_type: str) -> str | None:
     if variant.compile and setup.skip_compile:
         return setup.skip_compile
     if variant.liger:
@@ -194,7 +195,7 @@ def not_run_reason(variant: Variant, setup: Setup, device: torch.device, model_t
     return None
 
 
-def run_variant(variant: Variant, make_model: Callable[[], PreTrainedModel], setup: Setup, device: torch.device
+def run_variant(variant: Variant, make_model: Callable[[], PreTrainedModel], setup: StepCase, device: torch.device
                 ) -> dict:
     """Measure one variant (``mfu`` is left to :func:`run`); a failure (OOM, a compile error) becomes its ``error``."""
     row = {"variant": variant.name, "loss": variant.loss, "loss_backend": None, "liger": variant.liger,
@@ -251,7 +252,7 @@ def _set_mfu(rows: list[dict], probes: kernel_bench.Probes) -> None:
             row["mfu"] = row["tflops"] / rate
 
 
-def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print,
+def run(setup: StepCase, device: torch.device, log: Callable[[str], None] = print,
         emit: Callable[[dict], None] = lambda row: None, only: list[Variant] | None = None) -> dict:
     """The variants ``only`` (default: all) of ``setup`` on ``device``, between two matmul-rate probes;
     ``emit`` gets each row as it is measured (its MFU against the first probe; the document's rows

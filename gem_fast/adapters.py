@@ -1,10 +1,7 @@
 """Dataset adapters: the preference sets the GEM paper uses, read from local files into PreferencePair.
 
-Files: JSON Lines (``.jsonl``, or a ``.json`` file that does not start with ``[``), JSON (a
-``.json`` list of rows), Parquet (``.parquet``, via pyarrow) and folders written by Hugging Face
-``datasets``' ``save_to_disk`` (needs the ``datasets`` library). Every file type goes through
-:func:`iter_rows`, which pairs each row with its location: ``path:line`` (1-based) for JSON
-Lines, ``path[index]`` (0-based) otherwise.
+Files are read by :func:`gem_fast.readers.iter_rows` (JSON Lines, JSON, Parquet, ``datasets``
+folders), each row with its location for error messages.
 
 Formats (``format=``, or ``"auto"`` to detect from the first row's fields):
 
@@ -27,23 +24,21 @@ longer conversations become ``role: content`` lines.
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from gem_fast.data import PreferencePair
+from gem_fast.readers import Row, iter_rows
 
 __all__ = [
     "FORMATS",
     "PREFERENCES",
     "ChatTemplateTokenizer",
-    "iter_rows",
     "detect_format",
     "detect_file_format",
     "row_to_pair",
@@ -54,7 +49,6 @@ __all__ = [
     "write_pairs_jsonl",
 ]
 
-Row = Mapping[str, Any]
 Turn = dict[str, str]
 # (prompt turns, chosen reply, rejected reply, subset)
 _Parsed = tuple[list[Turn], str, str, str | None]
@@ -73,106 +67,6 @@ class ChatTemplateTokenizer(Protocol):
 
 
 # ---------------------------------------------------------------- reading rows
-
-
-def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[tuple[str, Row]]:
-    """Yield ``(location, row)`` for every row of a JSONL/JSON/Parquet file or a datasets folder.
-
-    ``split`` names the split of a saved ``DatasetDict`` (needed when it holds several).
-    Raises ``ValueError`` naming the file (and row) for unreadable content or a row that is
-    not an object, ``ImportError`` naming the library a Parquet file or datasets folder needs.
-    """
-    path = Path(path)
-    if split is not None and not path.is_dir():
-        raise ValueError(f"{path}: split={split!r} applies to datasets folders only")
-    if path.is_dir():
-        rows = _datasets_rows(path, split)
-    elif path.suffix == ".parquet":
-        rows = _parquet_rows(path)
-    elif path.suffix in (".jsonl", ".json"):
-        rows = _json_rows(path)
-    else:
-        raise ValueError(
-            f"{path}: unsupported file type {path.suffix!r}; "
-            "expected .jsonl, .json, .parquet or a folder saved by datasets' save_to_disk"
-        )
-    for where, row in rows:
-        if not isinstance(row, Mapping):
-            raise ValueError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-        yield where, row
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        # `datasets`' to_json writes JSON Lines under a .json name, so the content decides.
-        if path.suffix == ".json" and _first_char(handle) == "[":
-            try:
-                rows = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
-            for index, row in enumerate(rows):
-                yield f"{path}[{index}]", row
-            return
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{line_no}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-
-
-def _first_char(handle: TextIO) -> str:
-    """The first non-whitespace character ('' if none); leaves the handle at the start."""
-    char = handle.read(1)
-    while char.isspace():
-        char = handle.read(1)
-    handle.seek(0)
-    return char
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    parquet = _import("pyarrow.parquet", path, "a Parquet file")
-    try:
-        batches = parquet.ParquetFile(path).iter_batches(batch_size=1024)
-    except ValueError as err:  # pyarrow's ArrowInvalid, whose message lacks the path
-        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
-    rows = (row for batch in batches for row in batch.to_pylist())
-    for index, row in enumerate(rows):
-        yield f"{path}[{index}]", row
-
-
-def _datasets_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
-    if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        raise ValueError(
-            f"{path}: a folder, but not one saved by datasets' save_to_disk "
-            "(no state.json or dataset_dict.json)"
-        )
-    datasets = _import("datasets", path, "a Hugging Face datasets folder")
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, Mapping):  # a DatasetDict (a dict subclass) of named splits
-        if split is None and len(loaded) == 1:
-            split = next(iter(loaded))
-        if split not in loaded:
-            raise ValueError(f"{path}: choose a split with split=, one of {sorted(loaded)} (got {split!r})")
-        loaded, where = loaded[split], f"{path}[{split}]"
-    elif split is not None:
-        raise ValueError(f"{path}: holds a single dataset, not splits; got split={split!r}")
-    else:
-        where = str(path)
-    for index, row in enumerate(loaded):
-        yield f"{where}[{index}]", row
-
-
-def _import(module: str, path: Path, what: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        library = module.split(".")[0]
-        raise ImportError(
-            f"{path}: reading {what} needs the {library!r} library, which is not installed "
-            f"(pip install {library})"
-        ) from None
 
 
 # ---------------------------------------------------------------- field access

@@ -8,12 +8,13 @@ the 1-based line number, so a broken row in a large file can be found at once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
+
+from gem_fast.readers import jsonl_rows
 
 __all__ = [
     "PreferencePair",
@@ -50,16 +51,9 @@ def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list
     path = Path(path)
     pairs: list[PreferencePair] = []
     with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for where, row in jsonl_rows(handle, path):
             if limit is not None and len(pairs) >= limit:
                 break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in _REQUIRED_FIELDS:

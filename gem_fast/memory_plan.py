@@ -29,112 +29,22 @@ RoPE, grouped-query attention). bench/memory_plan.py checks the model against me
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from gem_fast.config import TrainConfig
 from gem_fast.kernels.chunked import BLOCK_BYTES, chunk_rows
 from gem_fast.kernels.plan import naive_loss_bytes, plan_kernel
+from gem_fast.shapes import ModelShape
 
 __all__ = [
-    "GIB", "PRESETS", "ModelShape", "Sampling", "Setup", "Precision", "Term", "Phase", "Plan",
-    "model_shape", "precision", "rmsnorm_bytes_per_token", "layer_activation_bytes_per_token", "naive_loss_bytes",
+    "GIB", "Sampling", "Setup", "Precision", "Term", "Phase", "Plan", "precision", "rmsnorm_bytes_per_token", "layer_activation_bytes_per_token", "naive_loss_bytes",
     "fused_loss_bytes", "plan_memory", "setup_from_train_config", "markdown_table",
 ]
 
 GIB = 2**30
 FP32 = 4
 BOOL = 1
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-shaped decoder: the sizes every memory term depends on."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool  # input embedding and LM head share one [V, H] matrix
-
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: q/k/v/o projections, gated MLP, two RMSNorm weights."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
-
-    def root_params(self) -> int:
-        """Parameters outside the decoder layers (FSDP2's root unit): embeddings, final norm, LM head."""
-        matrices = 1 if self.tied else 2
-        return matrices * self.vocab * self.hidden + self.hidden
-
-    def params(self) -> int:
-        return self.layers * self.layer_params() + self.root_params()
-
-    def largest_param(self) -> int:
-        """Elements of the largest single parameter (the [V, H] embedding)."""
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
-
-    def kv_bytes_per_token(self, element: int) -> int:
-        """K and V of one token over all layers, ``element`` bytes each."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * element
-
-
-PRESETS: dict[str, ModelShape] = {
-    "llama3-8b": ModelShape("llama3-8b", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                            intermediate=14336, vocab=128256, tied=False),
-    "llama-1b": ModelShape("llama-1b", hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64,
-                           intermediate=8192, vocab=128256, tied=True),
-    "smollm2-135m": ModelShape("smollm2-135m", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
-                               intermediate=1536, vocab=49152, tied=True),
-}
-
-
-def _config_value(config: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def model_shape(model: str | Path | Mapping[str, Any] | Any) -> ModelShape:
-    """Shape from a preset name (:data:`PRESETS`), an HF ``config.json`` (file or its folder),
-    a dict of its fields, or a ``transformers.PretrainedConfig``.
-
-    Missing ``num_key_value_heads`` means multi-head attention, missing ``head_dim`` is
-    hidden / heads and missing ``tie_word_embeddings`` is False (Llama's default).
-    """
-    if isinstance(model, (str, Path)):
-        if str(model) in PRESETS:
-            return PRESETS[str(model)]
-        path = Path(model)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"model: {model!r} is neither a preset {sorted(PRESETS)} nor a config.json file or folder")
-        config: Any = json.loads(path.read_text())
-        name = path.parent.name or path.stem
-    else:
-        config, name = model, str(_config_value(model, "name_or_path", "") or _config_value(model, "model_type", "model"))
-    fields = {key: _config_value(config, key) for key in
-              ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
-    if missing := [key for key, value in fields.items() if not value]:
-        raise ValueError(f"model: config has no {missing}; expected a Llama-shaped decoder config")
-    heads = int(fields["num_attention_heads"])
-    return ModelShape(
-        name=name,
-        hidden=int(fields["hidden_size"]),
-        layers=int(fields["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(_config_value(config, "num_key_value_heads") or heads),
-        head_dim=int(_config_value(config, "head_dim") or fields["hidden_size"] // heads),
-        intermediate=int(fields["intermediate_size"]),
-        vocab=int(fields["vocab_size"]),
-        tied=bool(_config_value(config, "tie_word_embeddings", False)),
-    )
 
 
 @dataclass(frozen=True)
@@ -485,33 +395,27 @@ def _sampling_phases(shape: ModelShape, setup: Setup, static: tuple[Term, ...], 
     ]
 
 
-TRAIN_DEFAULTS = {"objective": "sft", "batch_size": 1, "max_length": 512, "activation_checkpointing": False,
-                  "k": 4, "gen_max_new_tokens": 256}  # gem_fast.train.TrainConfig's defaults
-
-
-def setup_from_train_config(config: Mapping[str, Any], *, world_size: int, loss: str, device: str,
+def setup_from_train_config(config: TrainConfig, *, world_size: int, loss: str, device: str,
                             attention: str | None = None, liger_layers: bool | None = None,
                             response_len: int | None = None) -> Setup:
-    """Setup of one rank of the run that ``gem_fast.train.TrainConfig`` fields describe (e.g. a YAML).
+    """Setup of one rank of the run that ``config`` describes (e.g. :func:`gem_fast.config.read_yaml`
+    of a training YAML through :meth:`~gem_fast.config.TrainConfig.from_flat`).
 
-    SEGA (``objective`` "sega", or ``k`` / ``gen_max_new_tokens`` present, as in the
-    ``train_sega.py`` YAMLs): ``batch_size`` prompts of up to ``max_length`` tokens, k candidates
-    of ``gen_max_new_tokens`` each, trained as ``batch_size × k`` rows of prompt + generation whose
+    SEGA: ``batch_size`` prompts of up to ``max_length`` tokens, k candidates of
+    ``gen_max_new_tokens`` each, trained as ``batch_size × k`` rows of prompt + generation whose
     generated tokens are scored. DPO/IPO: chosen and rejected rows of ``max_length``. SFT:
     ``batch_size`` rows of ``max_length``, ``response_len`` scored tokens per row (None: every
     position, an upper bound for the fused loss, which skips prompt tokens).
     """
-    values = {**TRAIN_DEFAULTS, **config}
-    sega = values["objective"] == "sega" or "k" in config or "gen_max_new_tokens" in config
+    run = config.run
     common = dict(world_size=world_size, loss=loss, device=device, attention=attention, liger_layers=liger_layers,
-                  activation_checkpointing=bool(values["activation_checkpointing"]))
-    if sega:
-        sampling = Sampling(int(values["batch_size"]), int(values["k"]), int(values["max_length"]),
-                            int(values["gen_max_new_tokens"]))
+                  activation_checkpointing=config.parallel.activation_checkpointing)
+    if run.objective == "sega":
+        sampling = Sampling(run.batch_size, config.sampling.k, run.max_length, config.sampling.gen_max_new_tokens)
         return Setup(micro_batch=sampling.prompts * sampling.k, seq_len=sampling.prompt_len + sampling.new_tokens,
                      response_len=sampling.new_tokens, sampling=sampling, **common)
-    rows = int(values["batch_size"]) * (2 if values["objective"] in ("dpo", "ipo") else 1)
-    return Setup(micro_batch=rows, seq_len=int(values["max_length"]), response_len=response_len, **common)
+    rows = run.batch_size * (2 if run.objective in ("dpo", "ipo") else 1)
+    return Setup(micro_batch=rows, seq_len=run.max_length, response_len=response_len, **common)
 
 
 def _gib(n: int | None) -> str:

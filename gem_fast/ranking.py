@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "RATING_METHODS",
     "rank_order",
     "wins_from_scores",
     "wins_from_tokens",
@@ -31,6 +32,10 @@ __all__ = [
     "trim_mask",
     "top_bottom_pairs",
 ]
+
+
+RATING_METHODS = ("score", "bradley_terry", "trueskill")
+"""What :func:`candidate_ratings` can rate by (SEGA's ``ranking`` setting)."""
 
 
 def _check_ratings(ratings: torch.Tensor, name: str = "ratings") -> None:
@@ -276,8 +281,8 @@ def candidate_ratings(
     _check_ratings(scores, "scores")
     if method == "score":
         return scores
-    if method not in ("bradley_terry", "trueskill"):
-        raise ValueError(f"method must be 'score', 'bradley_terry' or 'trueskill', got {method!r}")
+    if method not in RATING_METHODS:
+        raise ValueError(f"method must be one of {RATING_METHODS}, got {method!r}")
     if wins is None:
         wins = wins_from_scores(scores)
     elif wins.shape != (*scores.shape, scores.shape[-1]):

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from gem_fast.distributed import fsdp_gathered
 from gem_fast.kernels import entropy_from_logits
 from gem_fast.prefix_attention import shared_prefix_attention
 
@@ -106,7 +107,7 @@ def sample_group(
     batch, prompt_len = input_ids.shape
     n = batch * k
 
-    with torch.no_grad(), _fsdp_gathered(model):
+    with torch.no_grad(), fsdp_gathered(model):
         # Positions count real tokens only, as in HF generate, so left padding does not shift RoPE.
         position_ids = attention_mask.long().cumsum(-1) - 1
         position_ids.masked_fill_(attention_mask == 0, 1)
@@ -370,41 +371,6 @@ def _last_logits_kwargs(model: torch.nn.Module) -> dict:
             return {name: 1}
     logger.info("sample_group: %s.forward cannot restrict logits; prefill computes all", type(model).__name__)
     return {}
-
-
-@contextlib.contextmanager
-def _fsdp_gathered(model: torch.nn.Module) -> Iterator[None]:
-    """All-gather FSDP2 parameters once and keep them gathered for every forward inside the block."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        yield
-        return
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not fsdp_modules:
-        yield
-        return
-    # FSDP2 has no public getter for reshard_after_forward; save its per-group setting to restore it.
-    saved = []
-    for module in fsdp_modules:
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # torch < 2.7: at most one group per module
-            groups = [g for g in [state._fsdp_param_group] if g is not None]
-        auto = getattr(state, "_auto_reshard_after_forward", None)
-        saved.append((state, auto, [(g, g.post_forward_mesh_info) for g in groups]))
-        module.set_reshard_after_forward(False, recurse=False)
-        module.unshard()
-    logger.info("sample_group: FSDP2 parameters of %d modules gathered for the sampling phase", len(fsdp_modules))
-    try:
-        yield
-    finally:
-        for module, (state, auto, groups) in zip(fsdp_modules, saved):
-            for group, mesh_info in groups:
-                group.post_forward_mesh_info = mesh_info
-            if auto is not None:
-                state._auto_reshard_after_forward = auto
-            module.reshard()
 
 
 def _progress_disabled(progress: bool | None) -> bool | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gem_fast.kernels import resolve_backend
+from gem_fast.ranking import RATING_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, TEST = ROOT / "data/arith/train.jsonl", ROOT / "data/arith/test.jsonl"
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="SEGA candidates per prompt")
     parser.add_argument("--gen_max_new_tokens", type=int, default=40, help="SEGA candidate length cap")
     parser.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to evaluate")
+    parser.add_argument("--ranking", choices=RATING_METHODS, default="score",
+                        help="what SEGA's reward mapping receives (train_sega.py --ranking)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out_dir).resolve()
     if out.exists() and any(out.iterdir()):
@@ -77,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(out / "sft"),
                     "--train_jsonl", str(train_file), "--out_dir", str(out / "dpo"), "--lr", "5e-6",
                     "--beta", "0.1", *batch, *common],
-        "SFT+GEM": ["scripts/train_sega.py", "--model_name_or_path", str(out / "sft"),
-                    "--train_jsonl", str(train_file), "--out_dir", str(out / "gem"), "--lr", "5e-6",
-                    "--k", str(args.k), "--lambda_fork", "0.4", "--top_m", "0.1", "--reward_mapping", "softmax",
-                    "--beta", "1.0", "--final_span", "marker", "--gen_max_new_tokens", str(args.gen_max_new_tokens),
-                    "--temperature", "1.0", "--top_p", "0.95", *batch, *common],
+        # SEGA's knobs (Eq. 1, rewards, sampler) from its demo YAML; its schedule is replaced by the demo's.
+        "SFT+GEM": ["scripts/train_sega.py", "--config", "configs/sega_demo.yaml",
+                    "--model_name_or_path", str(out / "sft"), "--train_jsonl", str(train_file),
+                    "--out_dir", str(out / "gem"), "--lr", "5e-6", "--max_steps", "0", "--warmup_steps", "0",
+                    "--save_every", "0", "--ranking", args.ranking, "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
+                    *batch, *common],
     }
     models = {"base (SmolLM2-135M-Instruct)": None, "SFT": out / "sft", "SFT+DPO": out / "dpo", "SFT+GEM": out / "gem"}
     rows, t0 = [], time.perf_counter()
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cost = run_stage(stages[name], out / f"{slug}_train.log") if name in stages else None
         report_path = out / f"{slug}_eval.json"
         eval_args = ["scripts/eval_pref_accuracy.py", "--eval_jsonl", str(TEST), "--beta", "1.0",
-                     "--chat_template", "--limit", str(args.eval_pairs), "--backend", backend,
+                     "--chat_template", "--limit", str(args.eval_pairs), "--kernel_backend", backend,
                      "--device", device, "--output_json", str(report_path)]
         if model_dir is not None:
             eval_args += ["--model_name_or_path", str(model_dir)]
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, {args.steps} steps x "
-        f"{args.prompts_per_step} prompts per trained stage (k={args.k} for GEM), "
+        f"{args.prompts_per_step} prompts per trained stage (k={args.k}, ranking {args.ranking} for GEM), "
         f"{args.eval_pairs} held-out pairs, total {total / 60:.1f} min",
         "",
         "| model | pref. accuracy | 95% CI | ties | train time s | train peak RSS MiB | eval time s |",

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 scripts/train_sft.py --config configs/sft_demo.yaml --lr 2e-5
     accelerate launch --num_processes 8 scripts/train_sft.py --config configs/sft_demo.yaml  # same as torchrun
 
-Every field of :class:`gem_fast.train.TrainConfig` is a flag; ``--config`` reads a YAML file
+Every field of :class:`gem_fast.config.TrainConfig` is a flag; ``--config`` reads a YAML file
 first and flags override it. Writes checkpoints under ``<out_dir>/checkpoints`` (``--resume``
 continues from the latest), ``<out_dir>/metrics.jsonl`` and, at the end, a Hugging Face folder
 in ``<out_dir>``. Stopped by SIGTERM/SIGINT it checkpoints and exits with 128 + the signal.

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Triton kernels run under the interpreter on machines without CUDA; the variable must be set
 # before any @triton.jit function is defined, i.e. before gem_fast.kernels' Triton module loads.
 try:
@@ -14,3 +16,11 @@ if not _has_cuda:
 # The tests run tiny models whose ops are too small for two OpenMP threads to pay off; one thread
 # per process is several times faster here. Subprocess-based tests (peak RSS) keep their default.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The character-level test tokenizer (tests/tiny_lm.py), one per test module."""
+    from tiny_lm import char_tokenizer  # imported here: after TRITON_INTERPRET is set above
+
+    return char_tokenizer()

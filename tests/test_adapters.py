@@ -17,12 +17,12 @@ from gem_fast.adapters import (
     check_disjoint,
     detect_file_format,
     detect_format,
-    iter_rows,
     load_pairs,
     render_prompt,
     split_pairs,
     write_pairs_jsonl,
 )
+from gem_fast.readers import iter_rows
 from gem_fast.data import PreferencePair, load_preference_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,6 +14,8 @@ from bench.kernel_ops import MODES, OPS, make_inputs
 from bench.kernel_providers import Provider, build_providers
 from gem_fast.kernels import resolve_backend
 
+pytestmark = pytest.mark.slow
+
 CPU = torch.device("cpu")
 PROBES = {"matmul_tflops_used": 1.0, "copy_gbps_used": 1.0}
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from test_train import run_config, single_thread, write_run_inputs  # noqa: F401 (autouse fixture)
+from tiny_lm import run_config, write_run_inputs
 
 from gem_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gem_fast.train import NonFiniteLossError, train

@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from test_train import _naive_step0, run_config, write_run_inputs
+from test_train import _naive_step0
+from tiny_lm import run_config, write_run_inputs
 
 from gem_fast.train import train
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tiny_lm import char_tokenizer
 
 from gem_fast.data import (
     PreferencePair,
@@ -18,11 +17,6 @@ from gem_fast.data import (
 )
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 def ids(tok, text: str) -> list[int]:

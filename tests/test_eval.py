@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_lm import char_tokenizer, tiny_model
+from tiny_lm import tiny_model
 
 from gem_fast.data import PreferencePair
 from gem_fast.eval import (
@@ -29,11 +29,6 @@ PAIRS = [
     PreferencePair("Say hi", "hello there", "hi", "long"),  # chosen longer: wrong
     PreferencePair("Pick", "ab", "cd", "tie"),  # same length: a tie, wrong
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ import pytest
 from bench import gpu_suite
 from bench.gpu_suite import FILES, REPO, STAGES, Stage, StageContext, StageSkipped
 
+pytestmark = pytest.mark.slow
+
 DRY_RUN_LIMIT_S = 90
 
 

@@ -4,7 +4,6 @@ float64 log-softmax of the model's own logits; one process and 2-rank gloo FSDP2
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from gem_fast.distributed import free_port
 from gem_fast.integrations import FusedLogprobOutput, output_head, patch_causal_lm, unpatch_causal_lm
 
 VOCAB, LENGTH = 300, 12
@@ -110,12 +110,6 @@ def test_unsupported_model_gets_one_clear_error():
         patch_causal_lm(torch.nn.Linear(2, 2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_grads(model) -> dict[str, torch.Tensor]:
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
             for n, p in model.named_parameters() if p.grad is not None}
@@ -148,8 +142,9 @@ def _fsdp_worker(rank: int, port: int, root: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_patched_model_under_fsdp2_equals_one_process(tmp_path):
-    mp.spawn(_fsdp_worker, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     results = torch.load(tmp_path / "fsdp.pt")
     for model_type, tied in (("gemma2", True), ("llama", False)):
         model = patch_causal_lm(tiny_model(model_type, tied), backend="torch")

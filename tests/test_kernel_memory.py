@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 PROBE = Path(__file__).with_name("peak_rss_probe.py")
 N, H, V = 4096, 576, 49152  # SmolLM2-135M: hidden 576, vocab 49152
 

@@ -108,6 +108,7 @@ def test_weighted_loss_on_triton_is_one_kernel_per_chunk_and_entropy_one_launch(
     assert launches == ["_row_stats_kernel", "_row_grad_kernel"]
 
 
+@pytest.mark.slow
 def test_plan_matches_the_resident_memory_probe():
     """Fresh process, fp32 on the CPU, SmolLM2's sizes: the model's extra bytes plus the two
     gradients the call returns (the probe pre-allocates .grad, autograd adds ours into it),

@@ -424,6 +424,7 @@ def test_weighted_loss_refuses_a_second_backward(backend):
         loss.backward()
 
 
+@pytest.mark.slow
 def test_kernels_import_alone():
     # Other RLHF code imports the kernels on their own: no transformers, and Triton only on use.
     import subprocess

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_lm import char_tokenizer, tiny_model
+from tiny_lm import tiny_model
 
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
 from gem_fast.logprobs import PairLogprobs, pair_logprobs, sequence_logprobs
 
 PROMPTS = ["Q: 2+2?", "Say hi", "x"]
 RESPONSES = [" 4", " hello there", "yz"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import pytest
 
 from bench import memory_plan as bench_plan
+from gem_fast.config import TrainConfig, read_yaml
 from gem_fast.kernels import chunked
 from gem_fast.kernels.plan import PER_TOKEN_BYTES
 from gem_fast.memory_plan import (
-    GIB, PRESETS, Sampling, Setup, fused_loss_bytes, model_shape, naive_loss_bytes, plan_memory,
-    precision, setup_from_train_config,
+    GIB, Sampling, Setup, fused_loss_bytes, naive_loss_bytes, plan_memory, precision, setup_from_train_config,
 )
+from gem_fast.shapes import PRESETS, model_shape
 
 LLAMA3_8B = PRESETS["llama3-8b"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ def measured() -> dict[str, dict]:
 # Predicted vs measured (CPU, fp32).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["naive", "fused", "fsdp2"])
 def test_predicted_step_and_static_memory_match_measured(measured, name):
     row = measured[name]
@@ -59,6 +61,7 @@ def test_predicted_step_and_static_memory_match_measured(measured, name):
     assert abs(got["static_bytes"] / predicted["static_bytes"] - 1) <= STATIC_TOL, (name, predicted, got)
 
 
+@pytest.mark.slow
 def test_fused_saves_what_the_plan_says_over_naive(measured):
     naive, fused = measured["naive"], measured["fused"]
     saved = naive["measured"]["step_bytes"] - fused["measured"]["step_bytes"]
@@ -67,6 +70,7 @@ def test_fused_saves_what_the_plan_says_over_naive(measured):
     assert abs(saved / predicted - 1) <= STEP_TOL, (saved, predicted)
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_static_terms_over_ranks(measured):
     row = measured["fsdp2"]
     unsharded = plan_memory(bench_plan.WIDE, replace(MEASURED[2][2], world_size=1))
@@ -166,9 +170,7 @@ def test_activation_checkpointing_and_fused_loss_lower_the_peak():
 
 
 def test_sega_yaml_setup_and_its_8b_prediction():
-    import yaml
-
-    config = yaml.safe_load(SEGA_8B_YAML.read_text())
+    config = TrainConfig.from_flat(read_yaml(SEGA_8B_YAML))
     setup = setup_from_train_config(config, world_size=8, loss="fused", device="cuda")
     assert (setup.micro_batch, setup.seq_len, setup.response_len) == (10, 1280, 256)
     assert setup.sampling == Sampling(prompts=2, k=5, prompt_len=1024, new_tokens=256)
@@ -207,6 +209,9 @@ def test_cli_reads_the_training_yaml_and_flags_win(capsys):
     assert "10 rows × 1280 tokens" in out and "2 prompts × k=5" in out
     assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--k", "8"]) == 0
     assert "16 rows × 1280 tokens" in capsys.readouterr().out
+    # The training config's names work as well as the planner's older ones (batch_size = micro_batch).
+    assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--batch_size", "1"]) == 0
+    assert "5 rows × 1280 tokens" in capsys.readouterr().out
 
 
 def test_cli_rejects_a_bad_model_naming_it(capsys):

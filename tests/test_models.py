@@ -61,6 +61,7 @@ def test_attention_choice(monkeypatch):
     assert choose_attn_implementation("cuda:0") == "sdpa"
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_and_saves_after_prepare(tmp_path):
     model, tokenizer = smollm2_model(), smollm2_tokenizer()
     assert isinstance(model, LlamaForCausalLM) and not model.training

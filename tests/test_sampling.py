@@ -71,6 +71,7 @@ def test_greedy_equals_generate_tiny(model, tokenizer, batch, strategy):
     torch.testing.assert_close(got, ref.repeat_interleave(k, dim=0), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_greedy_equals_generate_smollm2():
     """The one test on the real 135M model: token-for-token equality with HF greedy, mixed lengths."""
     model, tokenizer = smollm2_model(), smollm2_tokenizer()

@@ -1,4 +1,4 @@
-"""Reward mappings, group advantages, the SEGA loss and the SFT / DPO / IPO baselines."""
+"""Reward mappings, group advantages, the SEGA token weights through the policy loss, and the SFT / DPO / IPO baselines."""
 
 from __future__ import annotations
 
@@ -6,23 +6,22 @@ import math
 
 import pytest
 import torch
-from tiny_lm import char_tokenizer, tiny_model
+from tiny_lm import tiny_model
 
+from gem_fast.config import TrainConfig
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
-from gem_fast.integrations import output_head
-from gem_fast.logprobs import pair_logprobs, response_hidden, response_targets, sequence_logprobs
-from gem_fast.sega import dpo_loss, ipo_loss, map_rewards, pair_objective_loss, sega_advantages, sega_loss, sft_loss
+from gem_fast.distributed import DistEnv
+from gem_fast.logprobs import pair_logprobs, sequence_logprobs
+from gem_fast.objectives import SFT
+from gem_fast.objectives.pairs import dpo_loss, ipo_loss, preference_loss
+from gem_fast.policy import PolicyLoss
+from gem_fast.sega import map_rewards, sega_advantages, sega_token_weights
 
 INF = math.inf
 
 
 def assert_values(actual: torch.Tensor, expected) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture
@@ -84,20 +83,22 @@ def candidate_batch(tok):
     return encode_prompt_responses(tok, prompts, responses)
 
 
-@pytest.mark.parametrize("normalize", ["group", "token"])
-def test_sega_loss_value_and_gradient_match_the_formula(model, tok, normalize):
+def sega_loss(model: torch.nn.Module, batch, advantages: torch.Tensor, groups: float) -> torch.Tensor:
+    """Eq. 2 as the engine computes it: SEGA token weights into the policy's fused loss."""
+    weights = sega_token_weights(advantages, groups, batch.input_ids.shape[1] - 1)
+    return PolicyLoss(model, backend="torch")(batch.input_ids, batch.attention_mask, batch.response_mask, weights)
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_sega_loss_value_and_gradient_match_the_formula(model, tok, groups):
     batch = candidate_batch(tok)
     advantages = torch.tensor([[1.0, -0.25, -0.75], [0.5, 0.0, -0.5]])
-    weight, bias = output_head(model)[:2]
-    targets = response_targets(batch)
-    hidden = response_hidden(model, batch)
-    loss = sega_loss(hidden, weight, targets, advantages, bias=bias, normalize=normalize, backend="torch")
+    loss = sega_loss(model, batch, advantages, groups)
     loss.backward()
     fused_grad = model.model.embed_tokens.weight.grad.clone()
     model.zero_grad()
 
-    denom = 2 if normalize == "group" else (targets != -100).sum()
-    expected = -(advantages.flatten() * sequence_logprobs(model, batch, backend="naive")).sum() / denom
+    expected = -(advantages.flatten() * sequence_logprobs(model, batch, backend="naive")).sum() / groups
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(fused_grad, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-5)
@@ -108,9 +109,8 @@ def test_sega_step_raises_log_prob_of_positive_advantage_candidates(model, tok):
     advantages = sega_advantages(torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, -2.0]]), mapping="identity")
     with torch.no_grad():
         before = sequence_logprobs(model, batch)
-    weight, bias = output_head(model)[:2]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
-    loss = sega_loss(response_hidden(model, batch), weight, response_targets(batch), advantages, bias=bias)
+    loss = sega_loss(model, batch, advantages, groups=2)
     loss.backward()
     optimizer.step()
     with torch.no_grad():
@@ -122,14 +122,15 @@ def test_sega_step_raises_log_prob_of_positive_advantage_candidates(model, tok):
     assert (advantages.flatten() * change).sum() > 0
 
 
-def test_sega_loss_rejects_mismatched_advantages(model, tok):
-    batch = candidate_batch(tok)
-    weight = output_head(model).weight
-    hidden, targets = response_hidden(model, batch), response_targets(batch)
+def test_sega_token_weights_shape_and_checks():
+    weights = sega_token_weights(torch.tensor([[1.0, -1.0], [0.5, -0.5]]), 4, width=3)
+    assert weights.shape == (4, 3) and weights.dtype == torch.float32
+    assert_values(weights[:, 0], [0.25, -0.25, 0.125, -0.125])
+    assert torch.equal(weights, weights[:, :1].expand(-1, 3))
     with pytest.raises(ValueError, match="advantages"):
-        sega_loss(hidden, weight, targets, torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="normalize"):
-        sega_loss(hidden, weight, targets, torch.zeros(2, 3), normalize="sequence")
+        sega_token_weights(torch.zeros(4), 2, width=3)
+    with pytest.raises(ValueError, match="groups"):
+        sega_token_weights(torch.zeros(2, 2), 0, width=3)
 
 
 def test_dpo_and_ipo_against_their_formulas():
@@ -157,15 +158,14 @@ PAIRS = [PreferencePair("Q: 2+2?", " 4", " 5"), PreferencePair("Say hi", " hello
 
 
 def test_sft_baseline_is_the_mean_response_nll(model, tok):
-    batch = encode_pairs(tok, PAIRS)
-    loss = pair_objective_loss("sft", model, batch, backend="torch")
-    chosen = batch.rows(slice(0, 2))
+    policy = PolicyLoss(model, backend="torch")
+    (mb,), stats = SFT(TrainConfig.from_flat({"batch_size": 2}), DistEnv.single(), PAIRS, tok).step_batches(policy, 0)
+    loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
+    chosen = encode_pairs(tok, PAIRS).rows(slice(0, 2))
     labels = torch.where(chosen.response_mask, chosen.input_ids, -100)
     reference = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask, labels=labels).loss
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    weight = output_head(model).weight
-    direct = sft_loss(response_hidden(model, chosen), weight, response_targets(chosen), backend="naive")
-    assert direct.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert stats["tokens_per_rank"].item() == (labels[:, 1:] != -100).sum().item()
 
 
 @pytest.mark.parametrize("length_normalize", [False, True])
@@ -175,13 +175,13 @@ def test_dpo_ipo_baselines_with_cached_reference_of_the_same_model(model, tok, l
     reference = cached.select(torch.tensor([0, 1]))
     batch = encode_pairs(tok, PAIRS)
     opts = dict(beta=0.5, length_normalize=length_normalize, backend="torch")
-    dpo = pair_objective_loss("dpo", model, batch, reference, **opts)
+    dpo = preference_loss("dpo", model, batch, reference, **opts)
     assert dpo.item() == pytest.approx(math.log(2), abs=1e-5)
     dpo.backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
-    ipo = pair_objective_loss("ipo", model, batch, reference, **opts)
+    ipo = preference_loss("ipo", model, batch, reference, **opts)
     assert ipo.item() == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="reference"):
-        pair_objective_loss("dpo", model, batch, None)
-    with pytest.raises(ValueError, match="objective"):
-        pair_objective_loss("sega", model, batch, reference)
+        preference_loss("dpo", model, batch, None)
+    with pytest.raises(ValueError, match="kind"):
+        preference_loss("sega", model, batch, reference)

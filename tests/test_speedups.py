@@ -23,7 +23,10 @@ from transformers.models.llama import modeling_llama
 from gem_fast import models
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, liger_layer_names, use_liger_layers
-from gem_fast.train import PolicyLoss, TrainConfig, _build, _Dist, parallelize, parse_config
+from gem_fast.config import TrainConfig, parse_config
+from gem_fast.distributed import DistEnv, parallelize
+from gem_fast.policy import PolicyLoss
+from gem_fast.train import build_policy
 from bench import train_step
 
 CPU = torch.device("cpu")
@@ -137,15 +140,15 @@ def test_liger_layers_match_hugging_face_on_cuda(llama_module_restored):
 
 
 def test_build_honours_liger_layers_flag(caplog):
-    cpu_one = _Dist(0, 1, CPU, False)
+    cpu_one = DistEnv.single(CPU)
     with pytest.raises(ValueError, match="liger_layers='on': its Triton kernels need CUDA"):
-        _build(tiny_model(char_tokenizer()), TrainConfig(liger_layers="on"), cpu_one, 1, 1)
+        build_policy(tiny_model(char_tokenizer()), TrainConfig.from_flat({"liger_layers": "on"}), cpu_one, 1)
     with caplog.at_level(logging.INFO):
-        policy, _, _ = _build(tiny_model(char_tokenizer()), TrainConfig(), cpu_one, 1, 1)
+        policy, _, _ = build_policy(tiny_model(char_tokenizer()), TrainConfig(), cpu_one, 1)
     assert liger_layer_names(policy.model) == []
     assert "Liger layers off" in caplog.text and "compiled layers off" in caplog.text
     cfg = parse_config(["--liger_layers", "off", "--compile_layers"], objective="sft", description="t")
-    assert (cfg.liger_layers, cfg.compile_layers) == ("off", True)
+    assert (cfg.parallel.liger_layers, cfg.parallel.compile_layers) == ("off", True)
 
 
 def test_compile_layers_keep_loss_grads_and_names():
@@ -186,6 +189,7 @@ def _hand_counted_flops(shape: train_step.ModelShape, rows: int, seq_len: int) -
             + 6 * shape.hidden * shape.vocab * rows * (seq_len - 1))
 
 
+@pytest.mark.slow
 def test_train_step_quick_record_is_consistent(train_step_quick):
     doc, out = train_step_quick
     train_step.validate(doc)
@@ -214,6 +218,7 @@ def test_train_step_quick_record_is_consistent(train_step_quick):
     assert ok["fused"]["peak_extra_bytes"] < 0.75 * ok["naive"]["peak_extra_bytes"]
 
 
+@pytest.mark.slow
 def test_train_step_quick_says_why_variants_did_not_run(train_step_quick):
     doc, _ = train_step_quick
     assert len(doc["rows"]) == len(train_step.variants()) == 8

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_lm import char_tokenizer, tiny_model
+from tiny_lm import char_tokenizer, run_config, tiny_model, write_run_inputs
 
 from gem_fast.data import load_preference_jsonl
 from gem_fast.logprobs import pair_logprobs, response_targets
 from gem_fast.models import load_model_and_tokenizer
-from gem_fast.train import (
-    PolicyLoss, TrainConfig, _Dist, lr_factor, main, parallelize, parse_config, reference_logprobs, sft_micro_batches,
-    train,
-)
+from gem_fast.config import parse_config
+from gem_fast.distributed import DistEnv, free_port, parallelize
+from gem_fast.objectives import SFT
+from gem_fast.objectives.pairs import reference_logprobs
+from gem_fast.policy import PolicyLoss
+from gem_fast.train import lr_factor, main, train
 
-CPU_ONE = _Dist(0, 1, torch.device("cpu"), False)
+CPU_ONE = DistEnv.single("cpu")
 
 # fp32 on CPU; the sharded run only changes reduction order (all-gather, reduce-scatter, chunked kernel).
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -32,42 +32,6 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 # After Adam steps: Adam divides by sqrt(v), so a coordinate whose gradient is ~0 turns a 1e-7
 # gradient difference into up to ~1e-3 of its lr-sized update; lr is 3e-3 in these runs.
 WEIGHT_TOL = dict(rtol=1e-4, atol=2e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny-model ops are far faster on one intra-op thread on a shared 2-core machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_run_inputs(root: Path, n_pairs: int = 16) -> tuple[Path, Path]:
-    """A tiny Llama + char tokenizer saved as an HF folder, and a JSONL of ``n_pairs`` arithmetic pairs."""
-    tokenizer = char_tokenizer()
-    model_dir = root / "tiny"
-    tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = root / "pairs.jsonl"
-    data.write_text("".join(
-        json.dumps({"prompt": f"Q{i}: {i}+{3 * i}=", "chosen": f"{4 * i} since {i}+{3 * i}",
-                    "rejected": f"{4 * i + 1}"}) + "\n"
-        for i in range(n_pairs)
-    ))
-    return model_dir, data
-
-
-def run_config(model_dir: Path, data: Path, out_dir: Path, **overrides) -> TrainConfig:
-    base = dict(train_jsonl=str(data), out_dir=str(out_dir), model_name_or_path=str(model_dir), lr=3e-3,
-                warmup_steps=1, max_steps=3, progress=False)
-    return TrainConfig(**{**base, **overrides})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _named_grads(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,8 +56,8 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root:
         policy = parallelize(PolicyLoss(model.train(), backend="torch"), activation_checkpointing=True, sharded=True,
                              device=torch.device("cpu"))
         local_numel = sum(p.to_local().numel() for p in policy.parameters())
-        d = _Dist(rank, world, torch.device("cpu"), True)
-        (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, d)
+        d = DistEnv(rank, world, torch.device("cpu"), True)
+        (mb,), _ = SFT(cfg, d, load_preference_jsonl(data), tokenizer).step_batches(policy, 0)
         loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
         loss.backward()
         grads = _named_grads(policy)
@@ -101,7 +65,7 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root:
         dist.all_reduce(loss)
         # DPO's reference table scored by the sharded policy (weights untouched so far); 15 pairs
         # leave rank 1 one short, so its slice is padded.
-        reference_logprobs(policy, load_preference_jsonl(data)[:15], tokenizer, cfg, d, root / "reference.safetensors")
+        reference_logprobs(policy, load_preference_jsonl(data)[:15], tokenizer, cfg.run, d, root / "reference.safetensors")
         result = train(cfg)  # the full engine: 3 steps, then the HF export
         if rank == 0:
             torch.save({"loss": loss / world, "grads": grads, "total_numel": total_numel, "losses": result.losses},
@@ -117,7 +81,7 @@ def two_process_run(tmp_path_factory):
     """Inputs, plus the 2-rank gloo run's step-0 loss/grads, training losses and export."""
     root = tmp_path_factory.mktemp("fsdp")
     model_dir, data = write_run_inputs(root)
-    mp.spawn(_worker, args=(2, _free_port(), model_dir, data, root), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), model_dir, data, root), nprocs=2, join=True)
     return model_dir, data, root, torch.load(root / "rank0.pt")
 
 
@@ -125,7 +89,7 @@ def _naive_step0(model_dir: Path, data: Path) -> tuple[torch.Tensor, dict[str, t
     """Step 0's global batch (4 rows) on the unwrapped model with full [N, L, V] logits and autograd."""
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     cfg = run_config(model_dir, data, Path("unused"), batch_size=4)
-    (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, CPU_ONE)
+    (mb,), _ = SFT(cfg, CPU_ONE, load_preference_jsonl(data), tokenizer).step_batches(PolicyLoss(model), 0)
     batch = mb.batch
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model.train()(
@@ -140,6 +104,7 @@ def _naive_step0(model_dir: Path, data: Path) -> tuple[torch.Tensor, dict[str, t
     return loss.detach(), {f"model.{n}": p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
     model_dir, data, root, rank0 = two_process_run
     naive_loss, naive_grads = _naive_step0(model_dir, data)
@@ -157,6 +122,7 @@ def test_fsdp_two_ranks_match_naive_single_process(two_process_run):
     assert all(abs(s / rank0["total_numel"] - 0.5) < 0.05 for s in shares)
 
 
+@pytest.mark.slow
 def test_reference_logprobs_sharded_equal_one_process(two_process_run):
     model_dir, data, root, _ = two_process_run
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
@@ -175,30 +141,31 @@ def test_reference_logprobs_cache_is_keyed_by_data_and_settings(tmp_path):
     pairs, cache = load_preference_jsonl(data), tmp_path / "ref.safetensors"
     cfg = run_config(model_dir, data, tmp_path / "out", batch_size=4)
     policy = PolicyLoss(model, backend="torch")
-    first = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    first = reference_logprobs(policy, pairs, tokenizer, cfg.run, CPU_ONE, cache)
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)  # a resumed run's policy is no longer the reference
-    resumed = dataclasses.replace(cfg, resume=True)
-    again = reference_logprobs(policy, pairs, tokenizer, resumed, CPU_ONE, cache)
+    resumed = cfg.replace(resume=True)
+    again = reference_logprobs(policy, pairs, tokenizer, resumed.run, CPU_ONE, cache)
     assert torch.equal(again.chosen, first.chosen) and torch.equal(again.rejected, first.rejected)
     # A fresh run scores again; so does a resume whose data file or settings changed.
-    fresh = reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)
+    fresh = reference_logprobs(policy, pairs, tokenizer, cfg.run, CPU_ONE, cache)
     assert not torch.allclose(fresh.chosen, first.chosen)
     with torch.no_grad():
         model.lm_head.weight.div_(2.0)
-    reference_logprobs(policy, pairs, tokenizer, cfg, CPU_ONE, cache)  # the cache holds `first` again
+    reference_logprobs(policy, pairs, tokenizer, cfg.run, CPU_ONE, cache)  # the cache holds `first` again
     with data.open("a") as f:
         f.write(data.read_text().splitlines(keepends=True)[0])  # same first 6 pairs, other file contents
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)
-    edited = reference_logprobs(policy, pairs, tokenizer, resumed, CPU_ONE, cache)
+    edited = reference_logprobs(policy, pairs, tokenizer, resumed.run, CPU_ONE, cache)
     assert not torch.allclose(edited.chosen, first.chosen)
     with torch.no_grad():
         model.lm_head.weight.div_(2.0)  # rescored with the reference weights (rows are < 64 tokens)...
-    other = reference_logprobs(policy, pairs, tokenizer, dataclasses.replace(resumed, max_length=64), CPU_ONE, cache)
+    other = reference_logprobs(policy, pairs, tokenizer, resumed.replace(max_length=64).run, CPU_ONE, cache)
     torch.testing.assert_close(other.chosen, first.chosen)  # ...not read back as `edited`
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):
     model_dir, data, root, rank0 = two_process_run
     single = train(run_config(model_dir, data, tmp_path / "single", batch_size=4))
@@ -223,7 +190,7 @@ def test_activation_checkpointing_keeps_loss_and_grads(tmp_path):
         model, tokenizer = load_model_and_tokenizer(str(model_dir))
         policy = parallelize(PolicyLoss(model.train(), backend="torch"), activation_checkpointing=ac, sharded=False,
                              device=torch.device("cpu"))
-        (mb,), _ = sft_micro_batches(load_preference_jsonl(data), tokenizer, 0, cfg, CPU_ONE)
+        (mb,), _ = SFT(cfg, CPU_ONE, load_preference_jsonl(data), tokenizer).step_batches(policy, 0)
         loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
         loss.backward()
         results.append((loss.detach(), _named_grads(policy)))
@@ -274,4 +241,4 @@ def test_preference_objectives_start_at_the_reference(tmp_path, objective, beta,
     assert result.losses[0] == pytest.approx(first_loss, abs=1e-5)
     assert result.losses[-1] < result.losses[0]
     parsed = parse_config(["--objective", objective, "--beta", str(beta)], objective="sft", description="t")
-    assert (parsed.objective, parsed.beta) == (objective, beta)
+    assert (parsed.run.objective, parsed.pair.beta) == (objective, beta)

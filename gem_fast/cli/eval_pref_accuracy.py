@@ -18,6 +18,7 @@ import torch
 
 from gem_fast.data import load_preference_jsonl
 from gem_fast.eval import evaluate_preference_accuracy, format_table
+from gem_fast.kernels import BACKENDS
 from gem_fast.models import load_model_and_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=("auto", "naive", "torch", "triton"), help="kernel backend")
+    p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
+                   help="kernel backend (as the training scripts' --kernel_backend)")
     p.add_argument("--output_json", default="outputs/pref_accuracy.json", help="where the JSON report goes")
     return p.parse_args(argv)
 

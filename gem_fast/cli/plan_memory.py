@@ -1,19 +1,20 @@
 """Per-GPU peak memory of a gem_fast training step, naive loss vs fused, before renting the GPUs.
 
-    python scripts/plan_memory.py --model llama3-8b --world_size 8 --micro_batch 2 --seq_len 4096 \
+    python scripts/plan_memory.py --model llama3-8b --world_size 8 --batch_size 2 --max_length 4096 \
         --activation_checkpointing
     python scripts/plan_memory.py --model llama3-8b --world_size 8 --config configs/llama3_8b_sega_8gpu.yaml
-    python scripts/plan_memory.py --model path/to/config.json --device cpu --micro_batch 4 --seq_len 512
+    python scripts/plan_memory.py --model path/to/config.json --device cpu --batch_size 4 --max_length 512
 
 Prints a markdown table: the terms of each loss's peak phase, every phase's total (end of
 forward, backward, end of backward, optimizer step, SEGA prefill and decode), the fixed
 allowances and whether the peak fits ``--gpu_memory_gib``. The model is an analytic one
 (gem_fast/memory_plan.py), checked against measured CPU peaks by ``python -m bench.memory_plan``.
 
-SEGA (``--k`` given, or a SEGA YAML): ``--micro_batch`` is prompts per rank and ``--seq_len`` the
-prompt length (the YAML's batch_size and max_length); the step trains micro_batch × k rows of
-seq_len + gen_max_new_tokens tokens and the sampling phase is planned too. Flags given win over
-the YAML.
+The flags are the training config's (:mod:`gem_fast.config`; ``--micro_batch`` and ``--seq_len``
+are older names of ``--batch_size`` and ``--max_length``). SEGA (``--k`` given, or a SEGA YAML):
+``--batch_size`` is prompts per rank and ``--max_length`` the prompt length; the step trains
+batch_size × k rows of max_length + gen_max_new_tokens tokens and the sampling phase is planned
+too. Flags given win over the YAML.
 """
 
 from __future__ import annotations
@@ -22,23 +23,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from gem_fast.memory_plan import PRESETS, markdown_table, model_shape, plan_memory, setup_from_train_config
+from gem_fast.config import TrainConfig, parse_bool, read_yaml
+from gem_fast.memory_plan import markdown_table, plan_memory, setup_from_train_config
+from gem_fast.shapes import PRESETS, model_shape
 
 NOT_MODELLED = (
     "Not modelled: allocator fragmentation beyond the fixed allowance, the first step's lazy AdamW "
     "state creation (planned: steady state), Liger/torch.compile variants beyond Liger's RMSNorm and "
     "SwiGLU, non-Llama layer types. The allowances cover what torch's allocator does not see."
 )
-
-
-def _on_off(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off or true/false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,17 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="training YAML: batch_size, max_length, k, gen_max_new_tokens, "
                                                     "activation_checkpointing, objective")
     parser.add_argument("--world_size", type=int, default=1, help="ranks (GPUs); > 1 means FSDP2")
-    parser.add_argument("--micro_batch", type=int, help="rows per rank per micro-step (SEGA: prompts)")
-    parser.add_argument("--seq_len", type=int, help="tokens per row (SEGA: prompt tokens)")
+    parser.add_argument("--batch_size", "--micro_batch", dest="batch_size", type=int,
+                        help="rows per rank per micro-step (SEGA: prompts)")
+    parser.add_argument("--max_length", "--seq_len", dest="max_length", type=int,
+                        help="tokens per row (SEGA: prompt tokens)")
     parser.add_argument("--response_len", type=int,
                         help="SFT/DPO: tokens per row the loss scores (default: all; the fused loss skips the rest)")
     parser.add_argument("--loss", choices=("naive", "fused", "both"), default="both")
-    parser.add_argument("--activation_checkpointing", type=_on_off, nargs="?", const=True,
+    parser.add_argument("--activation_checkpointing", type=parse_bool, nargs="?", const=True,
                         help="per-layer activation checkpointing (flag alone: on)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--attention", choices=("flash", "sdpa"),
                         help="default: flash on CUDA (pip install .[flash]), sdpa on the CPU")
-    parser.add_argument("--liger_layers", type=_on_off, help="Liger RMSNorm/SwiGLU (default: on for CUDA)")
+    parser.add_argument("--liger_layers", type=parse_bool, help="Liger RMSNorm/SwiGLU (default: on for CUDA)")
     parser.add_argument("--gpu_memory_gib", type=float, default=80.0,
                         help="memory per rank to fit in (GiB; RAM with --device cpu)")
     parser.add_argument("--k", type=int, help="SEGA candidates per prompt")
@@ -76,17 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None:
         if not args.config.is_file():
             parser.error(f"--config: {args.config} is not a file")
-        config = yaml.safe_load(args.config.read_text()) or {}
-    flags = {"batch_size": args.micro_batch, "max_length": args.seq_len, "k": args.k, "objective": args.objective,
-             "gen_max_new_tokens": args.gen_max_new_tokens, "activation_checkpointing": args.activation_checkpointing}
-    config.update({key: value for key, value in flags.items() if value is not None})
+        try:
+            config = read_yaml(args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+    flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing")
+    config.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
     losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
     try:
         shape = model_shape(args.model)
+        train_config = TrainConfig.from_flat(config)
         plans = {loss: plan_memory(shape, setup_from_train_config(
-            config, world_size=args.world_size, loss=loss, device=args.device, attention=args.attention,
+            train_config, world_size=args.world_size, loss=loss, device=args.device, attention=args.attention,
             liger_layers=args.liger_layers, response_len=args.response_len)) for loss in losses}
-    except ValueError as exc:
+    except (KeyError, ValueError) as exc:
         parser.error(str(exc))
     setup = next(iter(plans.values())).setup
     print(f"## {shape.name}: {shape.params() / 1e9:.2f} B parameters, V={shape.vocab}, "

@@ -1,0 +1,26 @@
+"""Training objectives behind one interface (:class:`Objective`): SFT, SEGA, DPO and IPO.
+
+The loop asks an objective for each optimizer step's micro-batches and gives its ``pair_loss``
+to :class:`gem_fast.policy.PolicyLoss`; it knows nothing else of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gem_fast.config import TrainConfig
+from gem_fast.data import PreferencePair
+from gem_fast.distributed import DistEnv
+from gem_fast.objectives.base import Objective, step_rows
+from gem_fast.objectives.pairs import PairObjective
+from gem_fast.objectives.sega import SEGA
+from gem_fast.objectives.sft import SFT
+
+__all__ = ["Objective", "SFT", "SEGA", "PairObjective", "make_objective", "step_rows"]
+
+_BY_NAME: dict[str, type[Objective]] = {"sft": SFT, "sega": SEGA, "dpo": PairObjective, "ipo": PairObjective}
+
+
+def make_objective(cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> Objective:
+    """The objective ``cfg.run.objective`` names, over ``pairs``."""
+    return _BY_NAME[cfg.run.objective](cfg, env, pairs, tokenizer)

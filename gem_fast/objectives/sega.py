@@ -1,0 +1,94 @@
+"""SEGA (GEM stage B) as a training objective: sample -> score -> rank -> advantages -> token weights.
+
+Each micro-step samples k candidates per prompt from the current policy (prompt KV cache shared),
+scores them with Eq. 1 on the answer span, optionally turns the token-level comparisons into
+ratings (Bradley-Terry or TrueSkill over :func:`gem_fast.ranking.entropy_wins`), maps those to
+group advantages (:func:`gem_fast.sega.sega_advantages`) and trains on the candidates with
+per-token weights ``A_i / B`` (Eq. 2, :func:`gem_fast.sega.sega_token_weights`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gem_fast.data import encode_prompts, join_prompt_and_generation
+from gem_fast.objectives.base import Objective
+from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
+from gem_fast.ranking import candidate_ratings, entropy_wins
+from gem_fast.sampling import GroupSample
+from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction, top_m_mask
+from gem_fast.sega import sega_advantages, sega_token_weights
+
+__all__ = ["SEGA", "STATS"]
+
+STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean")
+"""The step statistics SEGA logs (means over the step's prompts, then over ranks)."""
+
+
+class SEGA(Objective):
+    """Self-evaluated group advantages on k sampled candidates per prompt (sampling and sega sections)."""
+
+    def step_batches(self, policy: PolicyLoss, step: int) -> StepBatches:
+        """``grad_accum`` micro-batches of ``batch_size × k`` candidate rows, weighted ``A_i / B``.
+
+        B counts the prompts of the global step; FSDP averages gradients over ranks, so each rank
+        divides by its own share ``batch_size × grad_accum``. Sampling draws from a generator seeded
+        by (seed, step, rank), so a resumed run samples what the uninterrupted run did.
+        """
+        run, sampling, env = self.cfg.run, self.cfg.sampling, self.env
+        generator = torch.Generator(env.device).manual_seed(run.seed * 1_000_003 + step * 1009 + env.rank)
+        prompts_per_rank = run.batch_size * run.grad_accum
+        micro_batches, stats = [], []
+        policy.eval()
+        for micro in range(run.grad_accum):
+            pairs = self.micro_pairs(step, micro)
+            prompt_ids, prompt_mask = (t.to(env.device) for t in encode_prompts(
+                self.tokenizer, [p.prompt for p in pairs], max_length=run.max_length, chat_template=run.chat_template))
+            out = policy.sample(
+                prompt_ids, prompt_mask, k=sampling.k, max_new_tokens=sampling.gen_max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, generator=generator, progress=False,
+            )
+            scores, ratings = self.rate(out, len(pairs))
+            adv = sega_advantages(ratings, mapping=self.cfg.sega.reward_mapping,
+                                  temperature=self.cfg.sega.reward_temperature)
+            batch = join_prompt_and_generation(prompt_ids, prompt_mask, out.sequences, out.mask)
+            weights = sega_token_weights(adv, prompts_per_rank, batch.input_ids.shape[1] - 1)
+            micro_batches.append(MicroBatch(batch, weights))
+            stats.append(_statistics(scores, adv, out))
+        policy.train()
+        return micro_batches, dict(zip(STATS, torch.stack(stats).mean(0)))
+
+    def rate(self, out: GroupSample, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 1 scores [prompts, k] (``-inf``: no answer tokens) and the ratings the reward mapping
+        receives: the scores themselves (``ranking`` "score"), or Bradley-Terry / TrueSkill ratings
+        fitted to the token-level entropy comparisons of each group."""
+        sega, k = self.cfg.sega, self.cfg.sampling.k
+        if sega.final_span == "marker":  # tokens after "Answer:" / "####"; none (score -inf) without a marker
+            final = final_mask_from_marker(out.sequences, out.mask, self.tokenizer)
+        else:
+            final = final_mask_last_fraction(out.mask, sega.final_fraction)
+        scores = entropy_score(out.token_entropy, final, out.mask, lambda_fork=sega.lambda_fork,
+                               top_m=sega.top_m).view(prompts, k)
+        if sega.ranking == "score":
+            return scores, scores
+        final = final & out.mask
+        fork = top_m_mask(out.token_entropy, out.mask & ~final, sega.top_m)
+        wins = entropy_wins(*(t.view(prompts, k, -1) for t in (out.token_entropy, final, fork)),
+                            lambda_fork=sega.lambda_fork)
+        ratings = candidate_ratings(scores, method=sega.ranking, wins=wins)
+        # A candidate without an answer keeps -inf, so the reward mapping's rule for it applies.
+        return scores, ratings.masked_fill(~torch.isfinite(scores), float("-inf"))
+
+
+def _statistics(scores: torch.Tensor, adv: torch.Tensor, out: GroupSample) -> torch.Tensor:
+    """The :data:`STATS` of one micro-step, [5] float32."""
+    finite = torch.isfinite(scores)
+    valid = out.mask.float()
+    return torch.stack([
+        scores.masked_fill(~finite, 0).sum() / finite.sum().clamp(min=1),
+        1 - finite.float().mean(),
+        adv.abs().mean(),
+        (out.token_entropy * valid).sum() / valid.sum().clamp(min=1),
+        valid.sum(-1).mean(),
+    ])

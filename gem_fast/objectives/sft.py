@@ -1,0 +1,36 @@
+"""SFT on the chosen responses of the pairs."""
+
+from __future__ import annotations
+
+import torch
+
+from gem_fast.data import encode_prompt_responses
+from gem_fast.distributed import all_reduce_sum
+from gem_fast.objectives.base import Objective
+from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
+
+__all__ = ["SFT"]
+
+
+class SFT(Objective):
+    """Mean negative log-likelihood of the chosen responses' tokens over the global batch."""
+
+    def step_batches(self, policy: PolicyLoss, step: int) -> StepBatches:
+        """Weights ``1/N`` per response token, N counted over the global batch.
+
+        FSDP averages gradients over ranks, so the weights carry a factor ``world`` to make that
+        average the gradient of the global token mean.
+        """
+        run, env = self.cfg.run, self.env
+        batches = []
+        for micro in range(run.grad_accum):
+            pairs = self.micro_pairs(step, micro)
+            batches.append(encode_prompt_responses(
+                self.tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                max_length=run.max_length, chat_template=run.chat_template, padding_side="right",
+            ))
+        local_tokens = sum(b.response_mask[:, 1:].sum() for b in batches).to(torch.float32).to(env.device)
+        tokens = all_reduce_sum(local_tokens.clone(), env)
+        scale = env.world / tokens.clamp(min=1)
+        micro_batches = [MicroBatch(b.to(env.device), b.response_mask[:, 1:].to(env.device) * scale) for b in batches]
+        return micro_batches, {"tokens_per_rank": local_tokens}

@@ -1,0 +1,90 @@
+"""The trained policy as the FSDP root module, and the micro-batches it takes.
+
+:class:`PolicyLoss` computes a micro-batch's loss inside its own ``forward`` from the final hidden
+states and the LM head with :mod:`gem_fast.kernels` (no ``[tokens, vocab]`` logits), so FSDP2's
+gathered ``lm_head.weight`` is in scope. It sits below the loop and the objectives: objectives
+build :class:`MicroBatch` es and the loop feeds them to the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gem_fast.data import EncodedBatch, PreferencePair
+from gem_fast.integrations import output_head
+from gem_fast.kernels import weighted_logprob_loss
+from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_targets
+from gem_fast.sampling import GroupSample, sample_group
+
+__all__ = ["MicroBatch", "StepBatches", "PairLoss", "PolicyLoss"]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows of one micro-step: loss weights [N, L-1] float32 per predicted token (SFT, SEGA), or the
+    pairs' reference log-probs (DPO, IPO; rows chosen-then-rejected) and the factor on their mean loss."""
+
+    batch: EncodedBatch
+    token_weights: torch.Tensor | None = None
+    reference: PairLogprobs | None = None
+    loss_scale: float = 1.0
+
+
+StepBatches = tuple[list[MicroBatch], dict[str, torch.Tensor]]
+"""A step's micro-batches and this rank's step statistics (0-dim tensors, logged as the mean over ranks)."""
+
+
+class PairLoss(Protocol):
+    """Mean loss over the n pairs of ``batch`` (2n rows, chosen first) given their reference log-probs."""
+
+    def __call__(self, model: nn.Module, batch: EncodedBatch, reference: PairLogprobs, *,
+                 backend: str) -> torch.Tensor: ...
+
+
+class PolicyLoss(nn.Module):
+    """Root module: ``forward`` returns a micro-batch's loss (float32 scalar).
+
+    ``-Σ_t w_t·log π(y_t)`` with per-token weights, or ``pair_loss`` (an objective's, e.g. DPO's)
+    when reference log-probs are given. Computing the loss here, not in a helper outside
+    ``forward``, keeps FSDP2's gathered ``lm_head.weight`` in scope (a side method would see the
+    sharded DTensor).
+    """
+
+    fsdp_forward_methods = ("sample", "pair_logprobs")  # gather like forward (gem_fast.distributed.parallelize)
+
+    def __init__(self, model: nn.Module, *, backend: str = "auto", pair_loss: PairLoss | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        self.pair_loss = pair_loss
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+        token_weights: torch.Tensor | None = None, reference: PairLogprobs | None = None,
+    ) -> torch.Tensor:
+        """input_ids/attention_mask [N, L] int, response_mask [N, L] bool; token_weights [N, L-1] float32
+        (SFT, SEGA), or ``reference`` log-probs of the N/2 pairs (DPO/IPO: mean loss over the pairs)."""
+        batch = EncodedBatch(input_ids, attention_mask, response_mask)
+        if reference is not None:
+            if self.pair_loss is None:
+                raise ValueError("reference log-probs given to a PolicyLoss without a pair_loss")
+            return self.pair_loss(self.model, batch, reference, backend=self.backend)
+        head = output_head(self.model)
+        hidden = response_hidden(self.model, batch)
+        return weighted_logprob_loss(
+            hidden, head.weight, response_targets(batch), token_weights, bias=head.bias,
+            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX,
+            backend=self.backend, drop_ignored_rows=True,
+        )
+
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:
+        """:func:`gem_fast.sampling.sample_group` on the wrapped model; registered as an FSDP forward method."""
+        return sample_group(self.model, input_ids, attention_mask, **kwargs)
+
+    def pair_logprobs(self, tokenizer: Any, pairs: list[PreferencePair], **kwargs: Any) -> PairLogprobs:
+        """:func:`gem_fast.logprobs.pair_logprobs` of the wrapped model (no grad); an FSDP forward method."""
+        return pair_logprobs(self.model, tokenizer, pairs, backend=self.backend, **kwargs)

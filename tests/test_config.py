@@ -1,0 +1,71 @@
+"""The training config: flat flags and YAML keys into typed sections, nested YAML, SEGA's --beta alias."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gem_fast.config import TrainConfig, parse_config, read_yaml
+
+
+def test_flat_flags_land_in_their_sections():
+    cfg = parse_config(["--lr", "2e-3", "--batch_size", "3", "--kernel_backend", "torch", "--resume"],
+                       objective="sft", description="t")
+    assert (cfg.optim.lr, cfg.run.batch_size, cfg.parallel.kernel_backend, cfg.run.resume) == (2e-3, 3, "torch", True)
+    assert cfg.run.objective == "sft" and cfg.sampling == TrainConfig().sampling
+
+
+def test_beta_is_the_reward_temperature_for_sega_and_the_dpo_beta_otherwise(tmp_path):
+    sega = parse_config(["--beta", "0.5"], objective="sega", description="t")
+    assert (sega.sega.reward_temperature, sega.pair.beta) == (0.5, TrainConfig().pair.beta)
+    dpo = parse_config(["--objective", "dpo", "--beta", "0.1"], objective="sft", description="t")
+    assert (dpo.pair.beta, dpo.sega.reward_temperature) == (0.1, TrainConfig().sega.reward_temperature)
+    config = tmp_path / "sega.yaml"
+    config.write_text("beta: 2.0\nk: 3\n")
+    from_yaml = parse_config(["--config", str(config)], objective="sega", description="t")
+    assert (from_yaml.sega.reward_temperature, from_yaml.sampling.k) == (2.0, 3)
+
+
+def test_nested_yaml_equals_flat_yaml_and_flags_win(tmp_path):
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("lr: 1e-3\nbatch_size: 2\nranking: trueskill\n")
+    nested.write_text("optim: {lr: 1e-3}\nrun: {batch_size: 2}\nsega: {ranking: trueskill}\n")
+    assert read_yaml(flat) == read_yaml(nested)
+    cfg = parse_config(["--config", str(nested), "--batch_size", "4"], objective="sega", description="t")
+    assert (cfg.optim.lr, cfg.run.batch_size, cfg.sega.ranking) == (1e-3, 4, "trueskill")
+
+
+def test_bad_values_and_keys_stop_with_a_message(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("ranking: elo\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(config)], objective="sega", description="t")
+    assert "ranking must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--length_normalize"], objective="sega", description="t")  # a pair flag
+    with pytest.raises(KeyError, match="nonsense"):
+        TrainConfig.from_flat({"nonsense": 1})
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("pair: {beta: 0.1}\n")  # DPO's beta, not SEGA's reward temperature
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(nested)], objective="sega", description="t")
+    assert "'pair' is not a config section here" in capsys.readouterr().err
+    nested.write_text("sega: {lr: 0.1}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\] in section 'sega'"):
+        read_yaml(nested)
+
+
+def test_help_comes_from_the_field_docs(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], objective="sega", description="t")
+    out = capsys.readouterr().out
+    assert "--reward_temperature" in out and "softmax temperature of the reward mapping" in out
+
+
+def test_flat_round_trip_and_objective_inference():
+    cfg = TrainConfig.from_flat({"k": 5, "lr": 3e-4})
+    assert cfg.run.objective == "sega"  # a SEGA field named: a SEGA YAML
+    assert TrainConfig.from_flat(cfg.to_flat()) == cfg
+    assert cfg.replace(resume=True).run == dataclasses.replace(cfg.run, resume=True)
+    assert TrainConfig.from_flat({"lr": 3e-4}).run.objective == "sft"

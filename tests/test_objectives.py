@@ -1,0 +1,58 @@
+"""SEGA's rating step: Eq. 1 scores by default, or Bradley-Terry / TrueSkill ratings of the token comparisons;
+a training step with each."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_lm import run_config, write_run_inputs
+
+from gem_fast.config import TrainConfig
+from gem_fast.distributed import DistEnv
+from gem_fast.objectives import SEGA
+from gem_fast.sampling import GroupSample
+from gem_fast.sega import sega_advantages
+from gem_fast.train import train
+
+
+def _sample() -> GroupSample:
+    """One prompt, k = 3 candidates of 8 tokens: 0 answers confidently, 2 hesitantly, 1 generates nothing."""
+    entropy = torch.tensor([[1.0, 2.0, 0.5, 1.5, 0.1, 0.1],
+                            [0.0] * 6,
+                            [1.0, 2.0, 0.5, 1.5, 2.0, 2.5]])
+    mask = torch.tensor([[True] * 6, [False] * 6, [True] * 6])
+    return GroupSample(torch.zeros(3, 6, dtype=torch.long), entropy, mask, "expand", 0, 0)
+
+
+def _sega(ranking: str) -> SEGA:
+    cfg = TrainConfig.from_flat({"objective": "sega", "k": 3, "ranking": ranking, "final_fraction": 0.34})
+    return SEGA(cfg, DistEnv.single(), [], tokenizer=None)
+
+
+def test_score_ranking_passes_eq1_scores_through():
+    scores, ratings = _sega("score").rate(_sample(), prompts=1)
+    assert ratings is scores and scores.shape == (1, 3)
+    assert scores[0, 1] == -math.inf and scores[0, 0] > scores[0, 2]
+
+
+@pytest.mark.parametrize("ranking", ["bradley_terry", "trueskill"])
+def test_fitted_rankings_order_like_the_tokens_and_keep_no_answer_at_minus_inf(ranking):
+    scores, ratings = _sega(ranking).rate(_sample(), prompts=1)
+    assert ratings.shape == scores.shape and not torch.equal(ratings, scores)
+    assert ratings[0, 1] == -math.inf  # no answer tokens: the reward mapping gives it 0
+    assert math.isfinite(ratings[0, 0]) and ratings[0, 0] > ratings[0, 2]
+    adv = sega_advantages(ratings, mapping="softmax")
+    assert adv[0, 0] > 0 > adv[0, 2]
+
+
+@pytest.mark.parametrize("ranking", ["score", "trueskill"])
+def test_sega_trains_with_each_ranking(tmp_path, ranking):
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    cfg = run_config(model_dir, data, tmp_path / "out", objective="sega", ranking=ranking, k=3, gen_max_new_tokens=5,
+                     batch_size=2, max_steps=1, export_hf=False)
+    records = []
+    result = train(cfg, on_step=lambda step, record, policy: records.append(record))
+    assert result.steps_done == 1 and math.isfinite(result.losses[0])
+    assert records[0]["adv_abs_mean"] > 0 and records[0]["gen_len_mean"] > 0
