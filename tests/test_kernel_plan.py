@@ -122,3 +122,19 @@ def test_plan_matches_the_resident_memory_probe():
     predicted = plan.extra_bytes + (n + v) * h * 4
     # Above the model: the BLAS's GEMM workspace and page granularity (measured 1.08x).
     assert predicted * 0.97 <= measured <= predicted * 1.25, (measured, predicted)
+
+
+def test_fp32_dw_without_an_fp32_addend_keeps_bf16_operands_and_block_sized_products(monkeypatch):
+    """Where torch refuses addmm(fp32 acc, bf16, bf16, out_dtype=fp32) (earlier CUDA builds), the
+    accumulator is fed fp32 products of bf16 operands one vocab slab at a time, never an upcast."""
+    monkeypatch.setattr(chunked, "_fp32_output_gemm", lambda device_type, dtype: "mm")
+    monkeypatch.setitem(chunked.ROW_MULTIPLE, "meta", chunked.ROW_MULTIPLE["cuda"])
+    n, h, v = GOAL
+    hidden, weight, targets = linear_inputs(n, h, v, "meta")
+    with OpTrace() as trace:
+        run_op("weighted_loss", hidden, weight, targets, backend="torch", block_bytes=BLOCK, dw_accumulation="fp32")
+    assert {g.dtypes for g in trace.gemms} == {(torch.bfloat16, torch.bfloat16)}
+    assert trace.gemm_flops == 6 * n * h * v
+    fp32 = [a for a in trace.allocations if a.dtype == torch.float32 and a.shape != (v, h)]
+    assert all(a.nbytes <= BLOCK for a in fp32)
+    assert any(a.op == "mm" and a.shape[1] == h for a in fp32)  # the slab products

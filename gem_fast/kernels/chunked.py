@@ -13,7 +13,8 @@ the forward and spends 6NHV in the forward, leaving ``backward`` a scale of stor
 dW adds up over token chunks. ``dw_accumulation="input"`` (default) adds each chunk's product
 into a dW of the weight's dtype (``addmm`` into itself, as Liger-Kernel does): one rounding per
 chunk, no extra memory. ``"fp32"`` keeps an fp32 ``[V, H]`` accumulator fed by the same
-low-precision GEMMs (``out_dtype=float32``) and rounds once at the end: 4·V·H more bytes.
+low-precision GEMMs (``out_dtype=float32``: into the accumulator, or where this torch refuses an
+fp32 addend, a block-sized fp32 product per vocab slab) and rounds once at the end: 4·V·H more bytes.
 """
 
 from __future__ import annotations
@@ -91,46 +92,56 @@ def _block_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 @functools.cache
-def _fp32_accumulating_addmm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``addmm(fp32 acc, a, b, out_dtype=float32, out=acc)`` runs for ``dtype`` operands
-    here: CUDA in recent torch (earlier versions want the addend in the operands' dtype), not
-    the CPU. Probed once on a 1x1 GEMM (no host sync: a refusal is raised before any launch)."""
+def _fp32_output_gemm(device_type: str, dtype: torch.dtype) -> str | None:
+    """How this torch writes a ``dtype`` GEMM's product to float32 here: ``"addmm"`` (into an fp32
+    addend: recent CUDA builds), ``"mm"`` (a fresh fp32 product only: earlier CUDA builds want the
+    addend in the operands' dtype) or None (the CPU has neither). Probed once on 1x1 GEMMs (no host
+    sync: a refusal is raised before any launch)."""
     device = torch.device(device_type)
     acc = torch.zeros(1, 1, device=device)
     one = torch.ones(1, 1, dtype=dtype, device=device)
-    try:
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True
+    for kind, gemm in (("addmm", lambda: torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)),
+                       ("mm", lambda: torch.mm(one, one, out_dtype=torch.float32))):
+        try:
+            gemm()
+            return kind
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+    return None
 
 
 @functools.cache
 def _warn_upcast(device_type: str, dtype: torch.dtype) -> None:
     _log.warning("gem_fast.kernels: dw_accumulation='fp32' on %s upcasts each chunk's dW operands to "
-                 "fp32: this torch has no float32-accumulating GEMM for %s here", device_type, dtype)
+                 "fp32: this torch has no float32-output GEMM for %s here", device_type, dtype)
 
 
 class _WeightGrad:
     """dW = Σ_chunks d_block.T @ h, added up as ``dw_accumulation`` says (see the module doc)."""
 
-    def __init__(self, weight: torch.Tensor, dw_accumulation: str):
+    def __init__(self, weight: torch.Tensor, dw_accumulation: str, block_bytes: int):
         low = weight.dtype in _LOW_PRECISION
         self.fp32 = dw_accumulation == "fp32" and low
         self.dtype = weight.dtype
         self.sum = torch.zeros(weight.shape, dtype=torch.float32 if self.fp32 else weight.dtype,
                                device=weight.device)
-        self.upcast = self.fp32 and not _fp32_accumulating_addmm(weight.device.type, weight.dtype)
-        if self.upcast:
+        self.gemm = _fp32_output_gemm(weight.device.type, weight.dtype) if self.fp32 else None
+        # With a fresh fp32 product only, it is made a vocab slab at a time, no larger than a block.
+        self.slab_rows = max(1, block_bytes // (4 * weight.shape[1]))
+        if self.fp32 and self.gemm is None:
             _warn_upcast(weight.device.type, weight.dtype)
 
     def add(self, d_block_t: torch.Tensor, h: torch.Tensor) -> None:
         if not self.fp32:
             self.sum.addmm_(d_block_t, h)
-        elif self.upcast:
-            self.sum.addmm_(d_block_t.float(), h.float())
-        else:
+        elif self.gemm == "addmm":
             torch.addmm(self.sum, d_block_t, h, out_dtype=torch.float32, out=self.sum)
+        elif self.gemm == "mm":
+            for start in range(0, self.sum.shape[0], self.slab_rows):
+                slab = slice(start, start + self.slab_rows)
+                self.sum[slab].add_(torch.mm(d_block_t[slab], h, out_dtype=torch.float32))
+        else:
+            self.sum.addmm_(d_block_t.float(), h.float())
 
     def result(self) -> torch.Tensor:
         return self.sum.to(self.dtype) if self.fp32 else self.sum
@@ -179,7 +190,7 @@ def linear_pass(
         stats = RowStats(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)))
     need_h, need_w, need_b = needs
     d_hidden = torch.empty_like(hidden) if need_h else None
-    d_weight = _WeightGrad(weight, plan.dw_accumulation) if need_w else None
+    d_weight = _WeightGrad(weight, plan.dw_accumulation, plan.block_bytes) if need_w else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     step = chunk_rows(n_rows, vocab, hidden.element_size(), device.type, plan.block_bytes)
     for start in range(0, n_rows, step):
