@@ -205,7 +205,7 @@ def test_ignored_rows_skip_the_logit_gemm(monkeypatch, op):
             (logp + entropy).sum().backward()
             passes = 2  # the backward recomputes the logits
         else:
-            weighted_logprob_loss(hidden, weight, targets, torch.ones(targets.shape), bias=bias, backend="torch",
+            weighted_logprob_loss(hidden, weight, targets, torch.ones(targets.shape, device=DEVICE), bias=bias, backend="torch",
                                   drop_ignored_rows=drop).backward()
             passes = 1
         assert sum(gemm_rows) == passes * int((targets != -100).sum() if drop else targets.numel())
@@ -309,7 +309,9 @@ def test_entropy_from_logits_matches_float64(backend, case):
     (got,) = torch.autograd.grad(entropy, logits, g)
     (want,) = torch.autograd.grad(ref, logits, g)
     assert torch.isfinite(got).all()
-    close(got, want, scale=want.abs().max().item())
+    # At full size (V=50257) the peaked rows' gradients are ~1e-13, each a difference of O(1)
+    # fp32 terms (p = 1 - tiny): an absolute floor of 2e-12 (scale 1e-8), far below any real error.
+    close(got, want, scale=want.abs().max().item() + 1e-8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
