@@ -93,11 +93,16 @@ class SegaConfig:
 
     lambda_fork: float = _opt(0.4, "Eq. 1: weight of the fork-token entropy term")
     top_m: float = _opt(0.1, "Eq. 1: fraction of highest-entropy tokens taken as forks")
-    reward_mapping: Literal["identity", "softmax"] = _opt("softmax", "scores to rewards")
+    reward_mapping: Literal["identity", "softmax", "zscore"] = _opt(
+        "softmax", "scores to rewards: identity, softmax(S / T), or zscore (S - mean) / std (the official code's)")
     reward_temperature: float = _opt(1.0, "softmax temperature of the reward mapping, r = softmax(S / T) "
                                           "(flag alias --beta)")
     final_span: Literal["last_fraction", "marker"] = _opt("last_fraction", "which tokens Eq. 1 scores as the answer")
     final_fraction: float = _opt(0.25, "last_fraction: that fraction of a candidate's last tokens")
+    marker_fallback: bool = _opt(True, "marker: a candidate without one (cut off by gen_max_new_tokens) is scored "
+                                       "on its last final_fraction tokens instead of getting -inf and reward 0")
+    shuffle_advantages: bool = _opt(False, "control run: permute each group's advantages at random every step, "
+                                           "so that only the sampling, not the entropy ranking, can teach")
     ranking: str = _opt("score", "what the reward mapping receives: the Eq. 1 scores, or Bradley-Terry / TrueSkill "
                                  "ratings fitted to the candidates' token-level entropy comparisons",
                         choices=RATING_METHODS)

@@ -4,15 +4,19 @@ For a group of k candidates a_i of prompt q with scores S_i (Eq. 1, or ranking r
 
     r_i = f(S_i),   A_i = r_i - mean_j r_j,   L = -sum_i A_i * log π(a_i | q),
 
-with f = identity or softmax(S / temperature) over the group, and log π(a|q) the sum of the
-response tokens' log-probs (prompt and padding masked). Advantages are constants.
+with f = identity, softmax(S / temperature) or the z-score (S - mean) / std over the group (the
+official code's normalisation), and log π(a|q) the sum of the response tokens' log-probs (prompt
+and padding masked). Advantages are constants.
 
 Choices made where the paper is silent:
 
 * Trimming drops the ``trim`` lowest-scoring candidates before the mapping: the softmax and
   the mean run over the kept ones only, and the trimmed get A = 0.
 * A ``-inf`` score (no final answer, see :mod:`gem_fast.scoring`) gets reward 0 under
-  softmax; under identity it takes the lowest finite score of its group. A group without
+  softmax; under identity and z-score it takes the lowest finite score of its group.
+* z-score: the sample standard deviation (Bessel-corrected, as ``torch.std`` in the official
+  code) of the group's kept candidates; a group whose spread is below 1e-6 is only centred,
+  as there. A group without
   any finite score gets A = 0 everywhere (nothing to compare).
 * Normalisation of the loss: the sum over all candidates' tokens is divided by the number of
   groups B of the global batch (Eq. 2 literally, averaged over prompts; long responses weigh
@@ -32,8 +36,9 @@ from gem_fast.ranking import trim_mask
 
 __all__ = ["MAPPINGS", "map_rewards", "sega_advantages", "sega_token_weights"]
 
-MAPPINGS = ("identity", "softmax")
-Mapping = Literal["identity", "softmax"]
+MAPPINGS = ("identity", "softmax", "zscore")
+Mapping = Literal["identity", "softmax", "zscore"]
+_MIN_STD = 1e-6  # the official code divides by the std only above this
 
 
 def _check_scores(scores: torch.Tensor) -> None:
@@ -53,8 +58,10 @@ def map_rewards(
     """Rewards r = f(S) [..., k] float32 over the ``keep``-marked candidates of each group.
 
     identity: r = S, with ``-inf`` raised to the group's lowest finite kept score; softmax:
-    r = softmax(S / temperature) over the kept candidates (``-inf`` gives 0). Candidates not
-    kept get r = 0; a group with no finite kept score gets r = 0.
+    r = softmax(S / temperature) over the kept candidates (``-inf`` gives 0); zscore: the identity
+    rewards minus their kept mean, over their kept standard deviation when that is >= 1e-6
+    (``temperature`` unused). Candidates not kept get r = 0; a group with no finite kept score
+    gets r = 0.
     """
     _check_scores(scores)
     if mapping not in MAPPINGS:
@@ -67,12 +74,23 @@ def map_rewards(
         raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {tuple(s.shape)}")
     finite = torch.isfinite(s) & keep
     scored = finite.any(-1, keepdim=True)
-    if mapping == "identity":
+    if mapping in ("identity", "zscore"):
         lowest = s.masked_fill(~finite, float("inf")).amin(-1, keepdim=True)
         r = torch.where(s == float("-inf"), lowest, s)
+        if mapping == "zscore":
+            r = _zscore(r.masked_fill(~keep, 0.0), keep)
     else:
         r = torch.softmax((s / temperature).masked_fill(~keep, float("-inf")), dim=-1)
     return torch.where(keep & scored, r, 0.0)
+
+
+def _zscore(r: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(r - mean) / std over the ``keep`` entries of each group; only centred where std < 1e-6 or undefined."""
+    kept = keep.float()
+    n = kept.sum(-1, keepdim=True)
+    centred = (r - (r * kept).sum(-1, keepdim=True) / n.clamp(min=1)) * kept
+    std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    return torch.where((n > 1) & (std >= _MIN_STD), centred / std, centred)
 
 
 def sega_advantages(

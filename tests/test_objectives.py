@@ -1,5 +1,5 @@
 """SEGA's rating step: Eq. 1 scores by default, or Bradley-Terry / TrueSkill ratings of the token comparisons;
-a training step with each."""
+a training step with each; the shuffled-advantage control."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
-from tiny_lm import run_config, write_run_inputs
+from tiny_lm import run_config, tiny_model, write_run_inputs
 
 from gem_fast.config import TrainConfig
+from gem_fast.data import PreferencePair
 from gem_fast.distributed import DistEnv
 from gem_fast.objectives import SEGA
+from gem_fast.policy import PolicyLoss
 from gem_fast.sampling import GroupSample
 from gem_fast.sega import sega_advantages
 from gem_fast.train import train
@@ -56,3 +58,31 @@ def test_sega_trains_with_each_ranking(tmp_path, ranking):
     result = train(cfg, on_step=lambda step, record, policy: records.append(record))
     assert result.steps_done == 1 and math.isfinite(result.losses[0])
     assert records[0]["adv_abs_mean"] > 0 and records[0]["gen_len_mean"] > 0
+
+
+def test_shuffled_control_permutes_each_groups_advantages_and_samples_the_same(tok):
+    pairs = [PreferencePair(f"Q{i}: {i}+{i}=", "x", "y") for i in range(4)]
+    policy = PolicyLoss(tiny_model(tok))
+    steps = {}
+    for shuffle in (False, True):
+        cfg = TrainConfig.from_flat({"objective": "sega", "k": 4, "batch_size": 2, "gen_max_new_tokens": 6,
+                                     "reward_mapping": "identity", "shuffle_advantages": shuffle})
+        (mb,), _ = SEGA(cfg, DistEnv.single(), pairs, tok).step_batches(policy, step=0)
+        steps[shuffle] = mb
+    plain, shuffled = steps[False], steps[True]
+    assert torch.equal(plain.batch.input_ids, shuffled.batch.input_ids)  # the same candidates were drawn
+    adv_plain, adv_shuffled = (m.token_weights[:, 0].view(2, 4) for m in (plain, shuffled))
+    assert torch.equal(adv_plain.sort(-1).values, adv_shuffled.sort(-1).values)
+    assert not torch.equal(adv_plain, adv_shuffled)
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_candidate_cut_off_before_its_marker_is_scored_on_its_last_tokens(tok, fallback):
+    texts = ["1+1=2. Answer: 2", "1+1 is 2, becaus"]  # the second ran out of tokens before "Answer:"
+    ids = torch.tensor([tok(t)["input_ids"] for t in texts])
+    entropy = torch.linspace(0.1, 2.0, ids.numel()).view(ids.shape)
+    sample = GroupSample(ids, entropy, torch.ones_like(ids, dtype=torch.bool), "expand", 0, 0)
+    cfg = TrainConfig.from_flat({"objective": "sega", "k": 2, "final_span": "marker", "marker_fallback": fallback})
+    scores, _ = SEGA(cfg, DistEnv.single(), [], tok).rate(sample, prompts=1)
+    assert math.isfinite(scores[0, 0])
+    assert math.isfinite(scores[0, 1]) == fallback

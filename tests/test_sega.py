@@ -48,6 +48,22 @@ def test_advantages_by_hand_and_zero_mean():
     assert torch.allclose(many.sum(-1), torch.zeros(4), atol=1e-6)
 
 
+def test_zscore_is_the_official_normalisation():
+    # (S - mean) / std with Bessel's correction: [1, 2, 6] -> mean 3, std sqrt(7).
+    z = sega_advantages(torch.tensor([[1.0, 2.0, 6.0]]), mapping="zscore")
+    assert_values(z, [[-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7)]])
+    torch.manual_seed(0)
+    many = sega_advantages(torch.randn(4, 5) * 1e-3, mapping="zscore")
+    assert torch.allclose(many.std(-1), torch.ones(4), atol=1e-4)  # scale-free: tiny spreads become unit
+    # No spread (or one candidate): only centred, as the official code skips the division.
+    assert sega_advantages(torch.tensor([[2.0, 2.0 + 1e-8]]), mapping="zscore").abs().max() < 1e-7
+    # -inf takes the group's lowest finite score; a trimmed candidate gets 0 and leaves the std.
+    assert_values(sega_advantages(torch.tensor([[-INF, 1.0, 3.0]]), mapping="zscore"),
+                  [[-1 / math.sqrt(3), -1 / math.sqrt(3), 2 / math.sqrt(3)]])
+    assert_values(sega_advantages(torch.tensor([[0.0, 1.0, 3.0]]), mapping="zscore", trim=1),
+                  [[0.0, -1 / math.sqrt(2), 1 / math.sqrt(2)]])
+
+
 def test_trimming_drops_the_lowest_before_mapping():
     scores = torch.tensor([[1.0, 2.0, 6.0]])
     assert_values(sega_advantages(scores, mapping="identity", trim=1), [[0.0, -2.0, 2.0]])

@@ -52,6 +52,8 @@ class SEGA(Objective):
             scores, ratings = self.rate(out, len(pairs))
             adv = sega_advantages(ratings, mapping=self.cfg.sega.reward_mapping,
                                   temperature=self.cfg.sega.reward_temperature)
+            if self.cfg.sega.shuffle_advantages:
+                adv = _shuffled_within_groups(adv, run.seed, step, env.rank, micro)
             batch = join_prompt_and_generation(prompt_ids, prompt_mask, out.sequences, out.mask)
             weights = sega_token_weights(adv, prompts_per_rank, batch.input_ids.shape[1] - 1)
             micro_batches.append(MicroBatch(batch, weights))
@@ -64,8 +66,10 @@ class SEGA(Objective):
         receives: the scores themselves (``ranking`` "score"), or Bradley-Terry / TrueSkill ratings
         fitted to the token-level entropy comparisons of each group."""
         sega, k = self.cfg.sega, self.cfg.sampling.k
-        if sega.final_span == "marker":  # tokens after "Answer:" / "####"; none (score -inf) without a marker
-            final = final_mask_from_marker(out.sequences, out.mask, self.tokenizer)
+        if sega.final_span == "marker":  # tokens after "Answer:" / "####"
+            final = final_mask_from_marker(out.sequences, out.mask, self.tokenizer,
+                                           fallback="last_fraction" if sega.marker_fallback else None,
+                                           fallback_value=sega.final_fraction)
         else:
             final = final_mask_last_fraction(out.mask, sega.final_fraction)
         scores = entropy_score(out.token_entropy, final, out.mask, lambda_fork=sega.lambda_fork,
@@ -79,6 +83,13 @@ class SEGA(Objective):
         ratings = candidate_ratings(scores, method=sega.ranking, wins=wins)
         # A candidate without an answer keeps -inf, so the reward mapping's rule for it applies.
         return scores, ratings.masked_fill(~torch.isfinite(scores), float("-inf"))
+
+
+def _shuffled_within_groups(adv: torch.Tensor, seed: int, step: int, rank: int, micro: int) -> torch.Tensor:
+    """``adv`` [B, k] with each row permuted at random; its own CPU generator, so sampling draws what it would."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank * 31 + micro + 7)
+    order = torch.rand(adv.shape, generator=generator).argsort(-1).to(adv.device)
+    return adv.gather(-1, order)
 
 
 def _statistics(scores: torch.Tensor, adv: torch.Tensor, out: GroupSample) -> torch.Tensor:
