@@ -8,8 +8,8 @@ final-answer tokens carry little signal of their own.
 ``decision``: the final answer is a decision the reasoning determines: which of two products or
 sums is larger (``Answer: A`` / ``Answer: B``), or whether a product exceeds a threshold
 (``Answer: yes`` / ``Answer: no``). ``chosen`` and ``rejected`` share the chain except one
-computation step, whose slip flips the comparison and with it the decision; the two values are
-close, so the decision is not guessable from the operands' size.
+computation step, whose slipped tens digit flips the comparison and with it the decision; the
+two values are within 10, so the decision is not guessable from the operands' size.
 
 Every row is ``{"prompt", "chosen", "rejected", "subset", "answer"}``, ``answer`` being what a
 correct response writes after ``Answer:`` (:func:`final_answer` reads it back from a response).
@@ -72,30 +72,35 @@ def _arith_problem(rng: random.Random) -> Row:
             "answer": str(answer)}
 
 
-def _slipped(value: int, other: int, rng: random.Random) -> int:
-    """A wrong result for ``value`` that lands on the other side of ``other`` (1-4 past it)."""
-    step = rng.randint(1, 4)
-    return other - step if value > other else other + step
+def _slipped(value: int, other: int) -> int:
+    """``value`` with its tens digit off by one, towards and past ``other`` (|value - other| < 10)."""
+    return value + 10 if value < other else value - 10
+
+
+def _close_expressions(rng: random.Random, kind: str) -> tuple[list[str], list[int]]:
+    """Two expressions of ``kind`` whose values differ by 1-9: 2-digit sums or 2-digit x 1-digit products.
+
+    Sized so that SmolLM2-135M's log-probs spot the slip a little more often than chance (64 pairs
+    each: 55 % and 61 %; 3-digit sums 48 %, products of factors 3-12 89 %).
+    """
+    while True:
+        if kind == "sums":
+            terms = [(rng.randint(12, 60), rng.randint(12, 60)) for _ in range(2)]
+            values, op = [a + b for a, b in terms], "+"
+        else:
+            terms = [(rng.randint(12, 49), rng.randint(3, 9)) for _ in range(2)]
+            values, op = [a * b for a, b in terms], "x"
+        if 0 < abs(values[0] - values[1]) < 10:
+            return [f"{a} {op} {b}" for a, b in terms], values
 
 
 def _compare_problem(rng: random.Random) -> Row:
     """Which of two close expressions is larger; one slipped step flips the decision."""
     kind = rng.choice(["products", "sums"])
-    while True:
-        if kind == "products":
-            terms = [(rng.randint(3, 12), rng.randint(3, 12)) for _ in range(2)]
-            values = [a * b for a, b in terms]
-            texts = [f"{a} x {b}" for a, b in terms]
-        else:
-            terms = [(rng.randint(12, 60), rng.randint(12, 60)) for _ in range(2)]
-            values = [a + b for a, b in terms]
-            texts = [f"{a} + {b}" for a, b in terms]
-        if 0 < abs(values[0] - values[1]) <= 8:
-            break
-    answer = "A" if values[0] > values[1] else "B"
+    texts, values = _close_expressions(rng, kind)
     slip_side = rng.randrange(2)
     wrong_values = list(values)
-    wrong_values[slip_side] = _slipped(values[slip_side], values[1 - slip_side], rng)
+    wrong_values[slip_side] = _slipped(values[slip_side], values[1 - slip_side])
 
     def chain(v: list[int]) -> str:
         larger = "A" if v[0] > v[1] else "B"
@@ -106,16 +111,14 @@ def _compare_problem(rng: random.Random) -> Row:
     question = (f"Which is larger, A = {texts[0]} or B = {texts[1]}? Work out both, then give "
                 f"'{ANSWER_MARKER} A' or '{ANSWER_MARKER} B'.")
     return {"prompt": question, "chosen": chain(values), "rejected": chain(wrong_values), "subset": kind,
-            "answer": answer}
+            "answer": "A" if values[0] > values[1] else "B"}
 
 
 def _threshold_problem(rng: random.Random) -> Row:
-    """Whether a product exceeds a close threshold; the slipped product lands on the other side."""
-    a, b = rng.randint(3, 15), rng.randint(3, 15)
+    """Whether a product of two factors 3-12 exceeds a close threshold; the slipped product lands on the other side."""
+    a, b = rng.randint(3, 12), rng.randint(3, 12)
     value = a * b
-    threshold = value + rng.choice([-1, 1]) * rng.randint(1, 6)
-    answer = "yes" if value > threshold else "no"
-    wrong = _slipped(value, threshold, rng)
+    threshold = value + rng.choice([-1, 1]) * rng.randint(1, 9)
 
     def chain(v: int) -> str:
         verdict = "yes" if v > threshold else "no"
@@ -124,8 +127,8 @@ def _threshold_problem(rng: random.Random) -> Row:
 
     question = (f"Is {a} x {b} more than {threshold}? Work it out, then give "
                 f"'{ANSWER_MARKER} yes' or '{ANSWER_MARKER} no'.")
-    return {"prompt": question, "chosen": chain(value), "rejected": chain(wrong), "subset": "threshold",
-            "answer": answer}
+    return {"prompt": question, "chosen": chain(value), "rejected": chain(_slipped(value, threshold)),
+            "subset": "threshold", "answer": "yes" if value > threshold else "no"}
 
 
 def _decision_problem(rng: random.Random) -> Row:
