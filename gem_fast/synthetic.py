@@ -117,6 +117,8 @@ def _compare_problem(rng: random.Random) -> Row:
 def _threshold_problem(rng: random.Random) -> Row:
     """Whether a product of two factors 3-12 exceeds a close threshold; the slipped product lands on the other side."""
     a, b = rng.randint(3, 12), rng.randint(3, 12)
+    while a * b < 20:  # so that a slip down by 10 stays positive
+        a, b = rng.randint(3, 12), rng.randint(3, 12)
     value = a * b
     threshold = value + rng.choice([-1, 1]) * rng.randint(1, 9)
 
