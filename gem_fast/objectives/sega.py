@@ -9,8 +9,11 @@ per-token weights ``A_i / B`` (Eq. 2, :func:`gem_fast.sega.sega_token_weights`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from gem_fast.config import SegaConfig
 from gem_fast.data import encode_prompts, join_prompt_and_generation
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
@@ -19,7 +22,7 @@ from gem_fast.sampling import GroupSample
 from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction, top_m_mask
 from gem_fast.sega import sega_advantages, sega_token_weights
 
-__all__ = ["SEGA", "STATS"]
+__all__ = ["SEGA", "STATS", "answer_span"]
 
 STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean")
 """The step statistics SEGA logs (means over the step's prompts, then over ranks)."""
@@ -66,12 +69,7 @@ class SEGA(Objective):
         receives: the scores themselves (``ranking`` "score"), or Bradley-Terry / TrueSkill ratings
         fitted to the token-level entropy comparisons of each group."""
         sega, k = self.cfg.sega, self.cfg.sampling.k
-        if sega.final_span == "marker":  # tokens after "Answer:" / "####"
-            final = final_mask_from_marker(out.sequences, out.mask, self.tokenizer,
-                                           fallback="last_fraction" if sega.marker_fallback else None,
-                                           fallback_value=sega.final_fraction)
-        else:
-            final = final_mask_last_fraction(out.mask, sega.final_fraction)
+        final = answer_span(sega, out.sequences, out.mask, self.tokenizer)
         scores = entropy_score(out.token_entropy, final, out.mask, lambda_fork=sega.lambda_fork,
                                top_m=sega.top_m).view(prompts, k)
         if sega.ranking == "score":
@@ -83,6 +81,16 @@ class SEGA(Objective):
         ratings = candidate_ratings(scores, method=sega.ranking, wins=wins)
         # A candidate without an answer keeps -inf, so the reward mapping's rule for it applies.
         return scores, ratings.masked_fill(~torch.isfinite(scores), float("-inf"))
+
+
+def answer_span(sega: SegaConfig, sequences: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Bool [..., T]: the tokens Eq. 1 scores as the answer, per ``sega.final_span``: after "Answer:" / "####"
+    (else, with ``marker_fallback``, the last ``final_fraction``; without, none: score -inf), or the last fraction."""
+    if sega.final_span == "marker":
+        return final_mask_from_marker(sequences, mask, tokenizer,
+                                      fallback="last_fraction" if sega.marker_fallback else None,
+                                      fallback_value=sega.final_fraction)
+    return final_mask_last_fraction(mask, sega.final_fraction)
 
 
 def _shuffled_within_groups(adv: torch.Tensor, seed: int, step: int, rank: int, micro: int) -> torch.Tensor:

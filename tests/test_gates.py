@@ -1,0 +1,76 @@
+"""The gates of :mod:`gem_fast.gates`: rank correlation by hand, teacher-forced Eq. 1 scores against a float64
+reference, the candidate gates' bookkeeping, greedy completions against Hugging Face generate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_lm import tiny_model
+
+from gem_fast.config import SamplingConfig, SegaConfig
+from gem_fast.data import PreferencePair, encode_pairs
+from gem_fast.gates import candidate_gates, greedy_completions, greedy_task_accuracy, pair_scores, spearman
+from gem_fast.logprobs import pair_logprobs
+from gem_fast.scoring import entropy_score, final_mask_last_fraction
+from gem_fast.synthetic import final_answer
+
+PAIRS = [PreferencePair(f"Is {i} x 3 more than {3 * i - 1}?", f"{i} x 3 = {3 * i}, so yes. Answer: yes",
+                        f"{i} x 3 = {3 * i - 2}, so no. Answer: no") for i in range(2, 7)]
+
+
+def test_spearman_by_hand():
+    # Ranks of y (ties shared): [1.5, 1.5, 3.5, 3.5]; Pearson with [1, 2, 3, 4] is 2 / sqrt(5).
+    assert spearman(torch.tensor([0.1, 0.5, 0.7, 2.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(
+        2 / math.sqrt(5))
+    assert spearman(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(-1.0)
+    assert math.isnan(spearman(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])))
+
+
+def test_pair_scores_match_a_float64_reference(tok):
+    model = tiny_model(tok).double()
+    sega = SegaConfig(final_span="last_fraction", final_fraction=0.3)
+    eq1, logp = pair_scores(model.float(), tok, PAIRS, sega, chat_template=False, batch_size=2, backend="torch")
+    batch = encode_pairs(tok, PAIRS)
+    with torch.no_grad():
+        logits = model.double()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    log_probs = logits.log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    valid = batch.response_mask[:, 1:]
+    reference = entropy_score(entropy, final_mask_last_fraction(valid, 0.3), valid, lambda_fork=0.4, top_m=0.1)
+    n = len(PAIRS)
+    torch.testing.assert_close(eq1, reference.view(2, n).T.float(), rtol=1e-4, atol=1e-4)
+    expected = pair_logprobs(model.float(), tok, PAIRS, backend="torch")
+    torch.testing.assert_close(logp, torch.stack([expected.chosen, expected.rejected], -1), rtol=1e-5, atol=1e-4)
+
+
+def test_candidate_gates_count_what_they_report(tok):
+    model = tiny_model(tok)
+    sampling = SamplingConfig(k=3, gen_max_new_tokens=5)
+    sega = SegaConfig(final_span="marker")
+    gates = candidate_gates(model, tok, PAIRS, ["yes"] * len(PAIRS), sampling, sega, chat_template=False,
+                            batch_size=2, backend="torch")
+    eq1, logp = pair_scores(model, tok, PAIRS, sega, chat_template=False, backend="torch")
+    assert gates.eq1_pair_accuracy == pytest.approx(float((eq1[:, 0] > eq1[:, 1]).double().mean()))
+    assert gates.logp_pair_accuracy == pytest.approx(float((logp[:, 0] > logp[:, 1]).double().mean()))
+    assert (gates.pairs, gates.candidates) == (5, 15)
+    # A random tiny model stops within 5 tokens only if it draws EOS; it never writes "Answer: yes".
+    assert gates.correct_share == 0.0 and gates.informative_groups == 0 and math.isnan(gates.rank_correlation)
+    assert 0.5 < gates.truncated_share <= 1.0
+
+
+def test_greedy_completions_are_hf_generates_and_accuracy_reads_their_answers(tok):
+    model = tiny_model(tok, seed=3)
+    prompts = [p.prompt for p in PAIRS[:3]]
+    expected = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    texts = greedy_completions(model, tok, prompts, max_new_tokens=6, chat_template=False, batch_size=2)
+    assert texts == expected
+    # A random tiny model states no answer: nothing counts, whatever the references say.
+    assert [final_answer(t) for t in texts] == [None] * 3
+    assert greedy_task_accuracy(model, tok, prompts, ["yes", "no", "yes"], max_new_tokens=6, chat_template=False) == 0
