@@ -60,7 +60,7 @@ def test_help_comes_from_the_field_docs(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"], objective="sega", description="t")
     out = capsys.readouterr().out
-    assert "--reward_temperature" in out and "softmax temperature of the reward mapping" in out
+    assert "--reward_temperature" in out and "softmax temperature T of the reward mapping" in out
 
 
 def test_flat_round_trip_and_objective_inference():
