@@ -165,7 +165,8 @@ class TrainConfig:
         if "objective" not in values:
             values["objective"] = "sega" if any(where.get(n) in _SEGA_SECTIONS for n in values) else "sft"
         if values["objective"] == "sega":
-            values = field_names(values, _SEGA_ALIASES)
+            # Beside reward_temperature, `beta` is the pair section's own field (what to_flat writes).
+            values = field_names(values, {a: n for a, n in _SEGA_ALIASES.items() if n not in values})
         if unknown := sorted(set(values) - set(where)):
             raise KeyError(f"unknown config keys {unknown}")
         by_section: dict[str, dict[str, Any]] = {}
