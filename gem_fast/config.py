@@ -23,6 +23,7 @@ import yaml
 
 from gem_fast.kernels import BACKENDS
 from gem_fast.ranking import RATING_METHODS
+from gem_fast.reporting import REPORT_TO, missing_package
 
 __all__ = ["RunConfig", "OptimConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
            "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "read_yaml", "parse_config"]
@@ -58,10 +59,9 @@ class RunConfig:
                                           "repositories you trust)")
     export_hf: bool = _opt(True, "write the trained model as a Hugging Face folder at the end")
     progress: bool = _opt(True, "rank 0 shows progress bars and prints one line per step")
-    report_to: Literal["none", "tensorboard", "wandb"] = _opt(
-        "none", "also send each step's metrics.jsonl record to TensorBoard (out_dir/tensorboard, needs the "
-                "tensorboard package) or Weights & Biases (needs wandb; project from WANDB_PROJECT, default "
-                "gem_fast)")
+    report_to: str = _opt("none", "also send each step's metrics.jsonl record to TensorBoard (out_dir/tensorboard, "
+                                  "needs the tensorboard package) or Weights & Biases (needs wandb; project from "
+                                  "WANDB_PROJECT, default gem_fast)", choices=REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ class SegaConfig:
     ranking: str = _opt("score", "what the reward mapping receives: the Eq. 1 scores, or Bradley-Terry / TrueSkill "
                                  "ratings fitted to the candidates' token-level entropy comparisons",
                         choices=RATING_METHODS)
-    log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends the step's prompts, "
-                                      "candidates, Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)")
+    log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends its prompts, candidates, "
+                                      "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)")
 
 
 @dataclass(frozen=True)
@@ -317,4 +317,6 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
                 parser.error(f"{path}: {name} must be one of {spec['choices']}, got {value!r}")
             values[name] = value
     values.update(cli)
+    if why := missing_package(values.get("report_to", "none")):
+        parser.error(why)  # before any model loads
     return TrainConfig.from_flat(values)

@@ -76,7 +76,8 @@ def test_transformers_names_are_aliases_and_may_not_meet_their_field(tmp_path, c
     hf = ["--learning_rate", "3e-4", "--output_dir", "o", "--per_device_train_batch_size", "2",
           "--gradient_accumulation_steps", "3", "--num_train_epochs", "4"]
     cfg = parse_config(hf, objective="sft", description="t")
-    assert (cfg.optim.lr, cfg.run.out_dir, cfg.run.batch_size, cfg.run.grad_accum, cfg.run.epochs) == (3e-4, "o", 2, 3, 4)
+    run = cfg.run
+    assert (cfg.optim.lr, run.out_dir, run.batch_size, run.grad_accum, run.epochs) == (3e-4, "o", 2, 3, 4)
     config = tmp_path / "hf.yaml"
     config.write_text("learning_rate: 1e-3\nnum_train_epochs: 2\n")
     from_yaml = parse_config(["--config", str(config), "--lr", "2e-3"], objective="sega", description="t")

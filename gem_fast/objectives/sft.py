@@ -1,10 +1,10 @@
-"""SFT on the chosen responses of the pairs."""
+"""SFT on completions: ``{prompt, completion}`` rows, chat ``{messages}`` rows, or the chosen responses of pairs."""
 
 from __future__ import annotations
 
 import torch
 
-from gem_fast.data import encode_prompt_responses
+from gem_fast.data import Completion, encode_prompt_responses, load_completions
 from gem_fast.distributed import all_reduce_sum
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
@@ -13,7 +13,14 @@ __all__ = ["SFT"]
 
 
 class SFT(Objective):
-    """Mean negative log-likelihood of the chosen responses' tokens over the global batch."""
+    """Mean negative log-likelihood of the completions' tokens over the global batch; its rows are
+    :class:`~gem_fast.data.Completion` s (:func:`~gem_fast.data.load_completions`)."""
+
+    pairs: list[Completion]
+
+    @staticmethod
+    def read_rows(path: str) -> list[Completion]:
+        return load_completions(path)
 
     def step_batches(self, policy: PolicyLoss, step: int) -> StepBatches:
         """Weights ``1/N`` per response token, N counted over the global batch.
@@ -26,7 +33,7 @@ class SFT(Objective):
         for micro in range(run.grad_accum):
             pairs = self.micro_pairs(step, micro)
             batches.append(encode_prompt_responses(
-                self.tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                self.tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs],
                 max_length=run.max_length, chat_template=run.chat_template, padding_side="right",
             ))
         local_tokens = sum(b.response_mask[:, 1:].sum() for b in batches).to(torch.float32).to(env.device)
