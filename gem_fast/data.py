@@ -102,9 +102,11 @@ def load_completions(path: str | Path) -> list[Completion]:
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             if "messages" in row:
                 examples.append(_chat_completion(row["messages"], where))
-            elif "completion" in row or "chosen" in row:
-                reply = "completion" if "completion" in row else "chosen"
-                examples.append(Completion(_check_text(row, "prompt", where), _check_text(row, reply, where)))
+            elif "completion" in row:
+                examples.append(Completion(_check_text(row, "prompt", where), _check_text(row, "completion", where)))
+            elif "chosen" in row:  # checked whole, as every objective reads it
+                prompt, chosen, _ = (_check_text(row, field, where) for field in _REQUIRED_FIELDS)
+                examples.append(Completion(prompt, chosen))
             else:
                 raise ValueError(f"{where}: expected {{prompt, completion}}, {{messages}} or {{prompt, chosen, "
                                  f"rejected}} fields, got {sorted(row)}")

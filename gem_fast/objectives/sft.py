@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 
-from gem_fast.data import Completion, encode_prompt_responses, load_completions
-from gem_fast.distributed import all_reduce_sum
+from gem_fast.config import TrainConfig
+from gem_fast.data import Completion, PreferencePair, encode_prompt_responses, load_completions
+from gem_fast.distributed import DistEnv, all_reduce_sum
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
 
@@ -17,6 +20,12 @@ class SFT(Objective):
     :class:`~gem_fast.data.Completion` s (:func:`~gem_fast.data.load_completions`)."""
 
     pairs: list[Completion]
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, pairs: Sequence[Completion | PreferencePair],
+                 tokenizer: Any) -> None:
+        # Preference pairs, the other objectives' rows, train on their chosen response.
+        completions = [Completion(p.prompt, p.chosen) if isinstance(p, PreferencePair) else p for p in pairs]
+        super().__init__(cfg, env, completions, tokenizer)
 
     @staticmethod
     def read_rows(path: str) -> list[Completion]:
