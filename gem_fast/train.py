@@ -172,8 +172,8 @@ def train(
             # A fresh run would interleave its checkpoints with the old run's; --resume picks the newest.
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume (resume=True) "
                              "or another out_dir")
-        # Rank 0 reports; a missing TensorBoard/W&B package stops every rank here, before the model loads.
-        reporter = Reporter(run.report_to if env.rank == 0 else "none", out_dir, cfg.to_flat())
+        # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
+        reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
         model, tokenizer = load_model_and_tokenizer(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
         policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss)
