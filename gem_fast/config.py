@@ -73,7 +73,8 @@ class OptimConfig:
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)")
     warmup_steps: int = _opt(0, "optimizer steps of linear warmup from lr/warmup_steps to lr")
     lr_decay: Literal["cosine", "linear", "constant"] = _opt(
-        "cosine", "learning-rate schedule after warmup, down to min_lr_ratio x lr at the last step")
+        "cosine", "learning-rate schedule after warmup: cosine or linear down to min_lr_ratio x lr at the last "
+                  "step, or constant")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr (cosine, linear)")
 
 
@@ -96,9 +97,10 @@ class ParallelConfig:
 class SamplingConfig:
     """SEGA's candidates: k per prompt, their length and the sampler."""
 
-    k: int = _opt(4, "candidates sampled per prompt (the group of Eq. 2; at least 2)")
+    k: int = _opt(4, "candidates sampled per prompt, the group of Eq. 2's advantages (2 or more)")
     gen_max_new_tokens: int = _opt(256, "tokens generated per candidate at most (fewer when it ends with EOS)")
-    temperature: float = _opt(1.0, "sampling temperature (0: greedy); entropies are of softmax(logits / T)")
+    temperature: float = _opt(1.0, "sampling temperature T (0: greedy); Eq. 1's entropies are of softmax(logits / T) "
+                                   "(greedy: of softmax(logits))")
     top_p: float = _opt(0.95, "nucleus sampling: draw from the most probable tokens holding this probability "
                               "mass (1: all)")
 
@@ -107,7 +109,8 @@ class SamplingConfig:
 class SegaConfig:
     """GEM Eq. 1 (scores) and Eq. 2 (group advantages)."""
 
-    lambda_fork: float = _opt(0.4, "Eq. 1: weight of the fork-token entropy term against the answer span's")
+    lambda_fork: float = _opt(0.4, "Eq. 1, S = -mean(H_answer) + lambda_fork x mean(H_forks): weight of the "
+                                   "fork tokens' entropy")
     top_m: float = _opt(0.1, "Eq. 1: fraction (0-1] of a candidate's tokens before the answer span, those of "
                              "highest entropy, taken as forks")
     reward_mapping: Literal["identity", "softmax"] = _opt(

@@ -140,7 +140,8 @@ def test_encode_prompts_left_pads_and_keeps_the_prompt_end(tok):
     assert ids[0, 0].item() == tok.pad_token_id
 
 
-CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<a>{% endif %}")
 
 
 def test_sft_reads_completion_chat_and_preference_rows(tmp_path, tok):
