@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -62,18 +63,27 @@ def embedded_model_dir() -> Path | None:
         logger.warning("cannot write under %s (%s): the embedded GGUF is converted on every load", root, exc)
         return None
     logger.info("converting the embedded %s to a Hugging Face folder %s (once)", gguf.name, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    try:
-        prepare_for_save(model).save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(folder)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if (folder / "config.json").is_file():  # another process (a torchrun rank) renamed its copy first
-            return folder
-        logger.warning("cannot write %s (%s): the embedded GGUF is converted on every load", folder, exc)
-        return None
+    # On a terminal, and under torchrun on rank 0 only: the stages below take about 40 s in all.
+    with tqdm(total=3, desc=f"converting {gguf.name}", unit="stage",
+              disable=None if os.environ.get("RANK", "0") == "0" else True) as stages:
+        stages.set_postfix_str("dequantising weights")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        stages.update()
+        stages.set_postfix_str("converting the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        stages.update()
+        stages.set_postfix_str("saving")
+        try:
+            prepare_for_save(model).save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            partial.rename(folder)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if (folder / "config.json").is_file():  # another process (a torchrun rank) renamed its copy first
+                return folder
+            logger.warning("cannot write %s (%s): the embedded GGUF is converted on every load", folder, exc)
+            return None
+        stages.update()
     return folder
 
 

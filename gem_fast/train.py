@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 from gem_fast.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from gem_fast.config import TrainConfig, parse_config
-from gem_fast.data import load_preference_jsonl
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, load_model_and_tokenizer, use_liger_layers
-from gem_fast.objectives import make_objective
+from gem_fast.objectives import make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
+from gem_fast.reporting import Reporter
 
 __all__ = ["TrainResult", "NonFiniteLossError", "lr_factor", "build_policy", "train", "main"]
 
@@ -158,7 +158,7 @@ def train(
     loss or gradient norm, before the optimizer step and without writing a checkpoint.
     """
     run = cfg.run
-    pairs = load_preference_jsonl(run.train_jsonl)  # ValueError with file:line on bad rows
+    pairs = read_rows(cfg)  # ValueError with file:line on bad rows
     with process_group() as env:
         global_batch = run.batch_size * run.grad_accum * env.world
         steps_per_epoch = len(pairs) // global_batch
@@ -172,6 +172,8 @@ def train(
             # A fresh run would interleave its checkpoints with the old run's; --resume picks the newest.
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume (resume=True) "
                              "or another out_dir")
+        # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
+        reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
         model, tokenizer = load_model_and_tokenizer(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
         policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss)
@@ -218,6 +220,7 @@ def train(
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    reporter.log(record)
                     bar.update(1)
                     bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in record.items()))
@@ -236,6 +239,7 @@ def train(
         bar.close()
         if metrics is not None:
             metrics.close()
+        reporter.close()
         if stopped is None and run.export_hf:
             export_hf(model, tokenizer, out_dir)
         return TrainResult(start + len(losses), losses, last_ckpt, stopped)

@@ -242,3 +242,24 @@ def test_preference_objectives_start_at_the_reference(tmp_path, objective, beta,
     assert result.losses[-1] < result.losses[0]
     parsed = parse_config(["--objective", objective, "--beta", str(beta)], objective="sft", description="t")
     assert (parsed.run.objective, parsed.pair.beta) == (objective, beta)
+
+
+def test_sft_trains_alike_on_pair_completion_and_chat_rows(tmp_path):
+    """A chat row's earlier messages are its prompt through the chat template: the same tokens, so the same loss,
+    as the pair (its chosen) or the {prompt, completion} row with --chat_template."""
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<a>"
+    tokenizer.save_pretrained(model_dir)
+    pairs = [json.loads(line) for line in data.read_text().splitlines()]
+    rows = {"completion": [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs],
+            "chat": [{"messages": [{"role": "user", "content": p["prompt"]},
+                                   {"role": "assistant", "content": p["chosen"]}]} for p in pairs]}
+    losses = {}
+    for name, path in [("pairs", data), *((n, tmp_path / f"{n}.jsonl") for n in rows)]:
+        if name in rows:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+        cfg = run_config(model_dir, path, tmp_path / name, batch_size=2, max_steps=2, export_hf=False,
+                         chat_template=name != "chat")
+        losses[name] = train(cfg).losses
+    assert losses["pairs"] == losses["completion"] == losses["chat"]

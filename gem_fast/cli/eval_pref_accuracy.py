@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gem_fast.config import parse_bool
 from gem_fast.data import load_preference_jsonl
 from gem_fast.eval import evaluate_preference_accuracy, format_table
 from gem_fast.kernels import BACKENDS
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
                    help="kernel backend (as the training scripts' --kernel_backend)")
+    p.add_argument("--progress", type=parse_bool, default=None, metavar="BOOL",
+                   help="progress bars while scoring (default: on a terminal only)")
     p.add_argument("--output_json", default="outputs/pref_accuracy.json", help="where the JSON report goes")
     return p.parse_args(argv)
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         n_resamples=args.n_bootstrap,
         seed=args.seed,
         backend=args.backend,
+        progress=args.progress,
     )
     print(format_table(report))
     out = Path(args.output_json)
