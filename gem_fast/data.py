@@ -28,6 +28,7 @@ __all__ = [
     "TokenizerLike",
     "load_preference_jsonl",
     "load_completions",
+    "load_prompts",
     "encode_prompt_responses",
     "encode_pairs",
     "encode_prompts",
@@ -111,6 +112,17 @@ def load_completions(path: str | Path) -> list[Completion]:
                 raise ValueError(f"{where}: expected {{prompt, completion}}, {{messages}} or {{prompt, chosen, "
                                  f"rejected}} fields, got {sorted(row)}")
     return examples
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """The ``prompt`` of every row of a JSONL file, for SEGA, which needs nothing else: prompt-only rows
+    (``{"prompt": ...}``, the unlabelled prompts of the low-label setting) and preference rows alike;
+    other fields are ignored. ``ValueError`` with ``path:line`` for invalid JSON or a missing or empty prompt.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        return [_check_text(row if isinstance(row, dict) else {}, "prompt", where)
+                for where, row in jsonl_rows(handle, path)]
 
 
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:

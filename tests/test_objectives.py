@@ -3,6 +3,7 @@ a training step with each; the shuffled-advantage control."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from tiny_lm import run_config, tiny_model, write_run_inputs
 
 from gem_fast.config import TrainConfig
-from gem_fast.data import PreferencePair
 from gem_fast.distributed import DistEnv
 from gem_fast.objectives import SEGA
 from gem_fast.policy import PolicyLoss
@@ -61,13 +61,13 @@ def test_sega_trains_with_each_ranking(tmp_path, ranking):
 
 
 def test_shuffled_control_permutes_each_groups_advantages_and_samples_the_same(tok):
-    pairs = [PreferencePair(f"Q{i}: {i}+{i}=", "x", "y") for i in range(4)]
+    prompts = [f"Q{i}: {i}+{i}=" for i in range(4)]
     policy = PolicyLoss(tiny_model(tok))
     steps = {}
     for shuffle in (False, True):
         cfg = TrainConfig.from_flat({"objective": "sega", "k": 4, "batch_size": 2, "gen_max_new_tokens": 6,
                                      "reward_mapping": "identity", "shuffle_advantages": shuffle})
-        (mb,), _ = SEGA(cfg, DistEnv.single(), pairs, tok).step_batches(policy, step=0)
+        (mb,), _ = SEGA(cfg, DistEnv.single(), prompts, tok).step_batches(policy, step=0)
         steps[shuffle] = mb
     plain, shuffled = steps[False], steps[True]
     assert torch.equal(plain.batch.input_ids, shuffled.batch.input_ids)  # the same candidates were drawn
@@ -86,3 +86,15 @@ def test_a_candidate_cut_off_before_its_marker_is_scored_on_its_last_tokens(tok,
     scores, _ = SEGA(cfg, DistEnv.single(), [], tok).rate(sample, prompts=1)
     assert math.isfinite(scores[0, 0])
     assert math.isfinite(scores[0, 1]) == fallback
+
+
+def test_sega_trains_on_prompt_only_rows_and_names_a_bad_one(tmp_path):
+    model_dir, _ = write_run_inputs(tmp_path, n_pairs=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Q{i}: {i}+{i}=", "id": i}) + "\n" for i in range(4)))
+    cfg = run_config(model_dir, prompts, tmp_path / "out", objective="sega", k=2, gen_max_new_tokens=4,
+                     batch_size=2, max_steps=2, export_hf=False)
+    assert train(cfg).steps_done == 2
+    prompts.write_text('{"prompt": "fine"}\n{"chosen": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: missing field 'prompt'"):
+        train(cfg.replace(out_dir=str(tmp_path / "out2")))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gem_fast.config import SegaConfig
-from gem_fast.data import encode_prompts, join_prompt_and_generation
+from gem_fast.data import encode_prompts, join_prompt_and_generation, load_prompts
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
 from gem_fast.ranking import candidate_ratings, entropy_wins
@@ -35,6 +35,11 @@ class SEGA(Objective):
     """Self-evaluated group advantages on k sampled candidates per prompt (sampling and sega sections)."""
 
     samples: SampleLog | None = None
+
+    @staticmethod
+    def read_rows(path: str) -> list[str]:
+        """The prompts of ``path``: prompt-only rows (unlabelled prompts) or preference rows, whose answers go unused."""
+        return load_prompts(path)
 
     def prepare(self, policy: PolicyLoss, out_dir: Path) -> None:
         """Every ``log_samples_every`` steps rank 0 logs its candidates to ``out_dir/samples.jsonl``."""
@@ -55,15 +60,15 @@ class SEGA(Objective):
         log_samples = env.rank == 0 and self.samples is not None and (step + 1) % self.cfg.sega.log_samples_every == 0
         policy.eval()
         for micro in range(run.grad_accum):
-            pairs = self.micro_pairs(step, micro)
+            prompts = self.micro_pairs(step, micro)
             prompt_ids, prompt_mask = (t.to(env.device) for t in encode_prompts(
-                self.tokenizer, [p.prompt for p in pairs], max_length=run.max_length, chat_template=run.chat_template))
+                self.tokenizer, prompts, max_length=run.max_length, chat_template=run.chat_template))
             out = policy.sample(
                 prompt_ids, prompt_mask, k=sampling.k, max_new_tokens=sampling.gen_max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, generator=generator, progress=False,
             )
-            scores, ratings = self.rate(out, len(pairs))
+            scores, ratings = self.rate(out, len(prompts))
             adv = sega_advantages(ratings, mapping=self.cfg.sega.reward_mapping,
                                   temperature=self.cfg.sega.reward_temperature)
             if self.cfg.sega.shuffle_advantages:
@@ -73,7 +78,7 @@ class SEGA(Objective):
             micro_batches.append(MicroBatch(batch, weights))
             stats.append(_statistics(scores, adv, out))
             if log_samples:
-                samples += _sample_records(self.tokenizer, [p.prompt for p in pairs], out, scores, adv)
+                samples += _sample_records(self.tokenizer, prompts, out, scores, adv)
         policy.train()
         if samples:
             self.samples.append(step + 1, samples)
