@@ -35,7 +35,7 @@ class RunConfig:
     """Data, model, objective, batch shape and the run's bookkeeping."""
 
     train_jsonl: str = _opt("", "preference pairs JSONL (prompt, chosen, rejected)")
-    out_dir: str = _opt("outputs/run", "checkpoints, metrics.jsonl, train_config.json and the HF export")
+    out_dir: str = _opt("outputs/run", "checkpoints/, metrics.jsonl, train_config.json and final/ (the HF export)")
     model_name_or_path: str | None = _opt(None, "HF model folder or hub id (unset: the embedded SmolLM2 GGUF)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective")
     epochs: int = _opt(1, "passes over the data")
@@ -49,7 +49,9 @@ class RunConfig:
     resume: bool = _opt(False, "continue from the newest checkpoint under out_dir")
     chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template")
     trust_remote_code: bool = _opt(False, "let transformers run the model repository's code")
-    export_hf: bool = _opt(True, "write the trained model as an HF folder into out_dir at the end")
+    export_hf: bool = _opt(True, "write the trained model as an HF folder to <out_dir>/final at the end")
+    export_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
+        "auto", "dtype of the exported weights; auto: the one the model trained in (bf16 on CUDA, fp32 on the CPU)")
     progress: bool = _opt(True, "progress bar and per-step lines on rank 0")
 
 
@@ -67,7 +69,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing."""
+    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing, model init."""
 
     kernel_backend: str = _opt("auto", "backend of gem_fast.kernels", choices=BACKENDS)
     liger_layers: Literal["auto", "on", "off"] = _opt(
@@ -75,6 +77,10 @@ class ParallelConfig:
                 "and liger-kernel")
     compile_layers: bool = _opt(False, "torch.compile each decoder layer (after activation checkpointing, before FSDP)")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in backward")
+    init: Literal["auto", "meta", "full"] = _opt(
+        "auto", "meta: build the model on the meta device, shard it, then each rank reads its own shards from the "
+                "safetensors; full: every rank loads the whole model first (small models); auto: meta when sharded "
+                "and the model is a local safetensors folder")
 
 
 @dataclass(frozen=True)

@@ -172,13 +172,13 @@ def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):
     gap = (torch.tensor(rank0["losses"]) - torch.tensor(single.losses)).abs().max().item()
     print("2-rank vs 1-process loss max |diff|:", gap)
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(single.losses), **LOSS_TOL)
-    sharded_w = load_file(root / "sharded" / "model.safetensors")
-    single_w = load_file(tmp_path / "single" / "model.safetensors")
+    sharded_w = load_file(root / "sharded" / "final" / "model.safetensors")
+    single_w = load_file(tmp_path / "single" / "final" / "model.safetensors")
     assert sharded_w.keys() == single_w.keys()
     for name in single_w:
         torch.testing.assert_close(sharded_w[name], single_w[name], **WEIGHT_TOL, msg=lambda m: f"{name}: {m}")
     # the export reloads as a plain HF model
-    reloaded, _ = load_model_and_tokenizer(str(root / "sharded"))
+    reloaded, _ = load_model_and_tokenizer(str(root / "sharded" / "final"))
     assert isinstance(reloaded, type(tiny_model(char_tokenizer())))
 
 
