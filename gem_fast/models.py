@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -229,6 +229,22 @@ def empty_model(
     logger.info("built %s of %s on the meta device, dtype=%s, attn_implementation=%s", type(model).__name__,
                 folder, dtype, model.config._attn_implementation)
     return model.eval()
+
+
+def load_for_training(
+    name_or_path: str | Path | None, *, init: Literal["auto", "meta", "full"], sharded: bool,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, Any, Path | None]:
+    """``(model, tokenizer, weights)`` of a training run on the CPU: the whole model (``weights`` None), or,
+    by :func:`choose_init`, an :func:`empty_model` whose shards are to be filled from the safetensors of
+    the folder ``weights`` once sharded. Collective under a process group (:func:`convert_embedded_once`).
+    """
+    if name_or_path is None:
+        convert_embedded_once()
+    weights = choose_init(init, name_or_path, sharded=sharded)
+    model = (empty_model(weights, trust_remote_code=trust_remote_code) if weights else
+             load_model(name_or_path, trust_remote_code=trust_remote_code))
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code), weights
 
 
 def load_model_and_tokenizer(

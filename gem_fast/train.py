@@ -40,8 +40,7 @@ from gem_fast.config import TrainConfig, parse_config
 from gem_fast.data import load_preference_jsonl
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
 from gem_fast.kernels import resolve_backend
-from gem_fast.models import (apply_liger_layers, choose_init, convert_embedded_once, empty_model, load_model,
-                             load_tokenizer, use_liger_layers)
+from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
 from gem_fast.objectives import make_objective
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 
@@ -178,12 +177,8 @@ def train(
             # A fresh run would interleave its checkpoints with the old run's; --resume picks the newest.
             raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume (resume=True) "
                              "or another out_dir")
-        if run.model_name_or_path is None:
-            convert_embedded_once()
-        weights = choose_init(cfg.parallel.init, run.model_name_or_path, sharded=env.sharded)
-        model = (empty_model(weights, trust_remote_code=run.trust_remote_code) if weights else
-                 load_model(run.model_name_or_path, trust_remote_code=run.trust_remote_code))
-        tokenizer = load_tokenizer(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+        model, tokenizer, weights = load_for_training(run.model_name_or_path, init=cfg.parallel.init,
+                                                      sharded=env.sharded, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
         policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss, weights)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and not env.sharded
