@@ -202,10 +202,12 @@ def export_dtype(setting: str, device: torch.device) -> torch.dtype:
     return EXPORT_DTYPES[setting]
 
 
-def export_hf(model: torch.nn.Module, tokenizer: Any, folder: str | Path, *, dtype: torch.dtype) -> Path:
+def export_hf(model: torch.nn.Module, tokenizer: Any, folder: str | Path, *, dtype: torch.dtype,
+              max_file_bytes: int | str = "5GB") -> Path:
     """Save ``model`` (a Hugging Face ``PreTrainedModel``, sharded or not) and ``tokenizer`` as an HF folder
-    ``folder`` with weights in ``dtype``: safetensors files of at most 5 GB (an index when several),
-    config.json, generation_config.json, the tokenizer. Returns ``folder``.
+    ``folder`` with weights in ``dtype``: safetensors files of at most ``max_file_bytes`` (a larger tensor
+    gets a file of its own; an index when several files), config.json, generation_config.json, the
+    tokenizer. Returns ``folder``.
 
     Collective. Tensors are gathered to full size one at a time (each cast to ``dtype`` on its
     shards first); rank 0 keeps the gathered tensors of one file at most, writes it and drops
@@ -217,7 +219,8 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, folder: str | Path, *, dty
     state = _distinct_tensors(model)
     # The file plan needs only names, shapes and the export dtype: meta stand-ins, no memory.
     plan = split_torch_state_dict_into_shards(
-        {name: torch.empty(value.shape, dtype=dtype, device="meta") for name, value in state.items()})
+        {name: torch.empty(value.shape, dtype=dtype, device="meta") for name, value in state.items()},
+        max_shard_size=max_file_bytes)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
     for filename, names in plan.filename_to_tensors.items():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_lm import run_config, write_run_inputs
 
+from gem_fast import models
 from gem_fast.distributed import free_port
-from gem_fast.models import choose_init, load_model
+from gem_fast.checkpoint import export_hf
+from gem_fast.models import choose_init, load_model, load_model_and_tokenizer
 from gem_fast.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,26 +59,53 @@ def test_meta_init_trains_like_full_and_exports_in_the_asked_dtype(tmp_path):
     assert json.loads((tmp_path / "meta" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_export_splits_into_indexed_files_that_reload(tmp_path):
+    model_dir, _ = write_run_inputs(tmp_path, n_pairs=1)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    folder = export_hf(model, tokenizer, tmp_path / "final", dtype=torch.float32, max_file_bytes=20_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    reloaded = load_model(folder)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    for name, weight in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], weight), name
+
+
 def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
+        # The embedded GGUF's conversion (stood in for by a slow marker file): local rank 0 only, the other waits.
+        def convert() -> None:
+            time.sleep(0.5)
+            (root / f"converted_by_rank{rank}").touch()
+
+        models.embedded_model_dir = convert
+        models.convert_embedded_once()
+        converted = sorted(p.name for p in root.glob("converted_by_*"))
         losses = {init: train(run_config(model_dir, data, root / init, batch_size=2, max_steps=2, init=init,
                                          activation_checkpointing=True)).losses
                   for init in ("meta", "full")}
         if rank == 0:
-            torch.save(losses, root / "losses.pt")
+            torch.save({"losses": losses, "converted_seen_by_rank0": converted}, root / "rank0.pt")
+        else:
+            torch.save(converted, root / "converted_seen_by_rank1.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_meta_init_on_two_ranks_trains_like_full(tmp_path):
+def test_meta_init_on_two_ranks_trains_like_full_and_one_rank_converts(tmp_path):
     model_dir, data = write_run_inputs(tmp_path, n_pairs=8)
     mp.spawn(_worker, args=(2, free_port(), model_dir, data, tmp_path), nprocs=2, join=True)
-    losses = torch.load(tmp_path / "losses.pt")
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    # Rank 1 passed the barrier only after rank 0 had converted; it did not convert itself.
+    assert rank0["converted_seen_by_rank0"] == torch.load(tmp_path / "converted_seen_by_rank1.pt") == [
+        "converted_by_rank0"]
+    losses = rank0["losses"]
     print("2-rank losses, meta:", losses["meta"], "full:", losses["full"])
     torch.testing.assert_close(torch.tensor(losses["meta"]), torch.tensor(losses["full"]), **LOSS_TOL)
     meta_w, full_w = (load_file(tmp_path / init / "final" / "model.safetensors") for init in ("meta", "full"))
