@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_lm import run_config, write_run_inputs
+from tiny_lm import join_gloo, run_config, write_run_inputs
 
 from gem_fast import models
 from gem_fast.distributed import free_port
@@ -73,10 +73,7 @@ def test_export_splits_into_indexed_files_that_reload(tmp_path):
 
 
 def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    join_gloo(rank, world, port)
     try:
         # The embedded GGUF's conversion (stood in for by a slow marker file): local rank 0 only, the other waits.
         def convert() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_lm import char_tokenizer, run_config, tiny_model, write_run_inputs
+from tiny_lm import char_tokenizer, join_gloo, run_config, tiny_model, write_run_inputs
 
 from gem_fast.data import load_preference_jsonl
 from gem_fast.logprobs import pair_logprobs, response_targets
@@ -43,10 +42,7 @@ def _named_grads(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    join_gloo(rank, world, port)
     try:
         # One micro-step of step 0, by hand, to read the gradients before the optimizer uses them.
         cfg = run_config(model_dir, data, root / "sharded", batch_size=2)
