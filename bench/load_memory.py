@@ -4,7 +4,9 @@ against one process loading the whole model (``--init full``).
     python -m bench.load_memory --out DIR     # writes DIR/load_memory.{json,md}
 
 A random Llama of about 500M parameters (:data:`SHAPE`, the embedded SmolLM2's tokenizer) is
-saved as fp32 safetensors in a temporary folder. Each run is the engine itself
+saved as bf16 safetensors in a temporary folder, as models ship; the engine trains in fp32
+(2.1 GB per full copy). With fp32 files transformers would leave the whole-model path's weights
+as views of the memory-mapped file, paged in only as they are used. Each run is the engine itself
 (:func:`gem_fast.train.train`, SFT) in fresh processes: one optimizer step (AdamW) of 1 x 128
 tokens per rank, no checkpoint, no export. A run's figure is each process's resident high-water
 mark (``VmHWM`` in ``/proc/self/status``, the process's own: ``ru_maxrss`` would carry the
@@ -43,7 +45,7 @@ WORLD = 2
 TOKENS = 128
 GOAL_RATIO = 0.65
 RUN_TIMEOUT_S = 900
-# 516M parameters (tied [49152, 1536] embedding, 16 layers); fp32: 2.1 GB per full copy.
+# 516M parameters (tied [49152, 1536] embedding, 16 layers); fp32: 2.1 GB per full copy, bf16 files 1.0 GB.
 SHAPE = ModelShape("llama-516m", hidden=1536, layers=16, heads=12, kv_heads=4, head_dim=128, intermediate=4608,
                    vocab=49152, tied=True)
 
@@ -56,7 +58,7 @@ def _write_inputs(folder: Path) -> tuple[Path, Path]:
     if len(tokenizer) != SHAPE.vocab:
         raise RuntimeError(f"the embedded tokenizer has {len(tokenizer)} tokens, SHAPE expects {SHAPE.vocab}")
     model_dir = folder / "model"
-    model = random_llama(SHAPE, torch.device("cpu"))
+    model = random_llama(SHAPE, torch.device("cpu")).to(torch.bfloat16)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     del model
@@ -108,7 +110,8 @@ def _run(name: str, launcher: list[str], init: str, model: Path, data: Path, scr
 def _markdown(doc: dict) -> str:
     env, unsharded = doc["environment"], doc["unsharded_peak_mb"]
     lines = [
-        f"Host memory (peak RSS) per rank, {SHAPE.params() / 1e6:.0f}M-parameter Llama from fp32 safetensors, "
+        f"Host memory (peak RSS) per rank, {SHAPE.params() / 1e6:.0f}M-parameter Llama from bf16 safetensors (fp32 in "
+        f"training), "
         f"one AdamW step of 1 x {TOKENS} tokens per rank, {env['device']}, {env['date'][:10]}",
         "",
         "| run | loaded + sharded MB | / unsharded | planner's load estimate MB | after the step MB | / unsharded |",
@@ -149,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 "per_rank_peak_mb": _run("meta", sharded, "meta", model, data, scratch),
                 "full_sharded_per_rank_peak_mb": _run("full_sharded", sharded, "full", model, data, scratch)}
     unsharded, meta = runs["unsharded"][0]["peak_mb"], [r["peak_mb"] for r in runs["per_rank_peak_mb"]]
-    planned = {"unsharded": host_load_bytes(SHAPE, world_size=1, init="full", source_element=4) / MB,
-               "per_rank_peak_mb": host_load_bytes(SHAPE, world_size=WORLD, init="meta", source_element=4) / MB,
-               "full_sharded_per_rank_peak_mb": host_load_bytes(SHAPE, world_size=WORLD, init="full", source_element=4) / MB}
+    planned = {"unsharded": host_load_bytes(SHAPE, world_size=1, init="full", source_element=2) / MB,
+               "per_rank_peak_mb": host_load_bytes(SHAPE, world_size=WORLD, init="meta", source_element=2) / MB,
+               "full_sharded_per_rank_peak_mb": host_load_bytes(SHAPE, world_size=WORLD, init="full", source_element=2) / MB}
     max_ratio = max(meta) / unsharded
     doc = {"unsharded_peak_mb": unsharded, "per_rank_peak_mb": meta, "world_size": WORLD,
            "full_sharded_per_rank_peak_mb": [r["peak_mb"] for r in runs["full_sharded_per_rank_peak_mb"]],

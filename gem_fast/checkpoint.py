@@ -174,9 +174,12 @@ def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> None:
     weights of the safetensors in ``folder``; each rank reads only its own shards' slices.
 
     Collective. DCP's Hugging Face reader plans each rank's slices and copies them (cast to the
-    parameters' dtype) into the local shards, reading one tensor slice at a time from the
-    memory-mapped files. A tied tensor absent from the files (``lm_head.weight``) is filled
-    through its tie; any other missing tensor raises ValueError naming the folder.
+    parameters' dtype) into the local shards from the memory-mapped files. One tensor per DCP load:
+    the reader keeps a file mapped while it serves a load, and every page it touched stays resident
+    until then, so one load of everything would hold this rank's share of the files on top of its
+    shards; per tensor, only that tensor's slice is. A tied tensor absent from the files
+    (``lm_head.weight``) is filled through its tie; any other missing tensor raises ValueError
+    naming the folder.
     """
     reader = HuggingFaceStorageReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
@@ -185,7 +188,8 @@ def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> None:
         raise ValueError(f"{folder}: the safetensors lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} tensors of {type(model).__name__})")
     with _single_process_intended():
-        dcp.load(distinct, storage_reader=reader, no_dist=not dist.is_initialized())
+        for name, tensor in distinct.items():
+            dcp.load({name: tensor}, storage_reader=reader, no_dist=not dist.is_initialized())
     logger.info("loaded %d tensors from %s into this rank's shards", len(distinct), folder)
 
 

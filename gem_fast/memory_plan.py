@@ -429,15 +429,15 @@ def host_load_bytes(shape: ModelShape, *, world_size: int, init: Literal["meta",
 
     full: every rank builds the whole fp32 model and reads every tensor of the files, whose
     memory-mapped pages stay resident until the load ends (what ``fully_shard`` frees comes after).
-    meta: a rank reads only its dim-0 slices (1/world of the file's pages) and, on the CPU, allocates
-    its fp32 shards (on CUDA they go to the GPU); one slice is copied at a time (the largest tensor's
-    slice in flight).
+    meta: on the CPU a rank allocates its fp32 shards (on CUDA they go to the GPU) and reads one
+    tensor's dim-0 slice at a time, whose file pages are resident until the next (the largest
+    tensor's slice in flight).
     """
     params = shape.params()
     if init == "full":
         return params * (FP32 + source_element)
     shard, largest_slice = -(-params // world_size), -(-shape.largest_param() // world_size)
-    return shard * ((FP32 if device == "cpu" else 0) + source_element) + largest_slice * FP32
+    return shard * (FP32 if device == "cpu" else 0) + largest_slice * source_element
 
 
 def _gib(n: int | None) -> str:
