@@ -37,7 +37,7 @@ import torch
 from gem_fast.memory_plan import host_load_bytes
 from gem_fast.shapes import ModelShape
 
-from .common import environment, peak_rss_bytes, random_llama, write_results
+from .common import environment, peak_rss_bytes, random_llama, rss_bytes, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -71,15 +71,15 @@ def _write_inputs(folder: Path) -> tuple[Path, Path]:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    """One rank (or the one process) of a run: the engine's step; to ``args.report`` this process's VmHWM when
-    the model is loaded and sharded (``build_policy`` returned) and after the step."""
+    """One rank (or the one process) of a run: the engine's step; to ``args.report`` this process's RSS before
+    the run and its VmHWM when the model is loaded and sharded (``build_policy`` returned) and after the step."""
     from gem_fast import train as engine
     from gem_fast.config import TrainConfig
 
     cfg = TrainConfig.from_flat(dict(
         model_name_or_path=args.model, train_jsonl=args.data, out_dir=args.run_dir, init=args.init, max_steps=1,
         batch_size=1, max_length=TOKENS, lr=1e-5, export_hf=False, progress=False, save_every=0))
-    peaks: dict[str, float] = {}
+    peaks = {"start_mb": rss_bytes() / MB}  # interpreter, torch, transformers: before any model exists
     build_policy = engine.build_policy
 
     def build_and_record(*args: Any, **kwargs: Any) -> Any:
@@ -94,7 +94,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _run(name: str, launcher: list[str], init: str, model: Path, data: Path, scratch: Path) -> list[dict]:
-    """``{"load_peak_mb", "peak_mb"}`` of each rank of one run (rank order)."""
+    """``{"start_mb", "load_peak_mb", "peak_mb"}`` of each rank of one run (rank order)."""
     report = scratch / name
     report.mkdir()
     cmd = [*launcher, "--worker", "--init", init, "--model", str(model), "--data", str(data),
@@ -114,18 +114,19 @@ def _markdown(doc: dict) -> str:
         f"training), "
         f"one AdamW step of 1 x {TOKENS} tokens per rank, {env['device']}, {env['date'][:10]}",
         "",
-        "| run | loaded + sharded MB | / unsharded | planner's load estimate MB | after the step MB | / unsharded |",
-        "|---|---|---|---|---|---|",
+        "| run | at start MB | loaded + sharded MB | / unsharded | planner: start + load MB | after the step MB "
+        "| / unsharded |",
+        "|---|---|---|---|---|---|---|",
     ]
     runs = (("unsharded", "one process, `--init full`", [unsharded]),
             ("per_rank_peak_mb", f"{WORLD} gloo ranks, `--init meta`", doc["per_rank_peak_mb"]),
             ("full_sharded_per_rank_peak_mb", f"{WORLD} gloo ranks, `--init full`", doc["full_sharded_per_rank_peak_mb"]))
     unsharded_load = doc["load_peak_mb"]["unsharded"][0]
     for key, label, step in runs:
-        load = doc["load_peak_mb"][key]
-        lines.append(f"| {label} | {' / '.join(f'{p:.0f}' for p in load)} | {max(load) / unsharded_load:.2f} | "
-                     f"{doc['planned_load_mb'][key]:.0f} | {' / '.join(f'{p:.0f}' for p in step)} | "
-                     f"{max(step) / unsharded:.2f} |")
+        load, start = doc["load_peak_mb"][key], doc["start_mb"][key]
+        lines.append(f"| {label} | {' / '.join(f'{p:.0f}' for p in start)} | {' / '.join(f'{p:.0f}' for p in load)} "
+                     f"| {max(load) / unsharded_load:.2f} | {max(start) + doc['planned_load_mb'][key]:.0f} | "
+                     f"{' / '.join(f'{p:.0f}' for p in step)} | {max(step) / unsharded:.2f} |")
     lines += ["", f"Goal: every `--init meta` rank <= {GOAL_RATIO} x the unsharded peak: "
                   f"{'met' if doc['goal_met'] else 'NOT met'} ({doc['max_ratio']:.2f})."]
     return "\n".join(lines) + "\n"
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     max_ratio = max(meta) / unsharded
     doc = {"unsharded_peak_mb": unsharded, "per_rank_peak_mb": meta, "world_size": WORLD,
            "full_sharded_per_rank_peak_mb": [r["peak_mb"] for r in runs["full_sharded_per_rank_peak_mb"]],
+           "start_mb": {key: [r["start_mb"] for r in ranks] for key, ranks in runs.items()},
            "load_peak_mb": {key: [r["load_peak_mb"] for r in ranks] for key, ranks in runs.items()},
            "max_ratio": max_ratio, "goal_met": max_ratio <= GOAL_RATIO, "planned_load_mb": planned,
            "parameters": SHAPE.params(),
