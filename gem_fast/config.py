@@ -39,8 +39,8 @@ class RunConfig:
 
     train_jsonl: str = _opt("", "training data, JSON Lines: preference pairs {prompt, chosen, rejected}; SFT also "
                                 "takes {prompt, completion} and chat {messages} rows (see README, Data)")
-    out_dir: str = _opt("outputs/run", "folder of the run: checkpoints/, metrics.jsonl, train_config.json, the "
-                                       "trained model")
+    out_dir: str = _opt("outputs/run", "folder of the run: checkpoints/, metrics.jsonl, train_config.json and "
+                                       "final/ (the trained model as a Hugging Face folder)")
     model_name_or_path: str | None = _opt(None, "HF model folder, .gguf file or Hub id (unset: the embedded "
                                                 "SmolLM2-135M-Instruct)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
@@ -57,7 +57,9 @@ class RunConfig:
     chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template (instruct models)")
     trust_remote_code: bool = _opt(False, "let transformers run Python code from the model repository (only for "
                                           "repositories you trust)")
-    export_hf: bool = _opt(True, "write the trained model as a Hugging Face folder at the end")
+    export_hf: bool = _opt(True, "write the trained model as a Hugging Face folder to <out_dir>/final at the end")
+    export_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
+        "auto", "dtype of the exported weights; auto: the one the model trained in (bf16 on CUDA, fp32 on the CPU)")
     progress: bool = _opt(True, "rank 0 shows progress bars and prints one line per step")
     report_to: str = _opt("none", "also send each step's metrics.jsonl record to TensorBoard (out_dir/tensorboard, "
                                   "needs the tensorboard package) or Weights & Biases (needs wandb; project from "
@@ -80,7 +82,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing."""
+    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing, model init."""
 
     kernel_backend: str = _opt("auto", "implementation of the fused vocab kernels (log-probs, entropy, loss) in "
                                        "training and in SEGA's sampler; auto: triton on CUDA, else torch",
@@ -91,6 +93,10 @@ class ParallelConfig:
     compile_layers: bool = _opt(False, "torch.compile each decoder layer (after activation checkpointing, before FSDP)")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in backward: less "
                                                  "memory, one more forward per layer")
+    init: Literal["auto", "meta", "full"] = _opt(
+        "auto", "meta: build the model on the meta device, shard it, then each rank reads its own shards from the "
+                "safetensors; full: every rank loads the whole model first (small models); auto: meta when sharded "
+                "and the model is a local safetensors folder")
 
 
 @dataclass(frozen=True)

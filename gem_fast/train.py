@@ -34,11 +34,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gem_fast.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from gem_fast.checkpoint import (export_dtype, export_hf, latest_checkpoint, load_checkpoint, load_hf_weights,
+                                 save_checkpoint)
 from gem_fast.config import TrainConfig, parse_config
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
 from gem_fast.kernels import resolve_backend
-from gem_fast.models import apply_liger_layers, load_model_and_tokenizer, use_liger_layers
+from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
 from gem_fast.objectives import make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 from gem_fast.reporting import Reporter
@@ -73,10 +74,12 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: int, pair_loss: PairLoss | None = None
-                 ) -> tuple[PolicyLoss, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Liger layers into ``model`` (per ``liger_layers``), then wrap, compile and shard it; AdamW on its
-    fp32 (master) parameters; warmup + decay schedule over ``total_steps``."""
+def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: int, pair_loss: PairLoss | None = None,
+                 weights: Path | None = None) -> tuple[PolicyLoss, torch.optim.Optimizer,
+                                                       torch.optim.lr_scheduler.LambdaLR]:
+    """Liger layers into ``model`` (per ``liger_layers``), then wrap, compile and shard it; a meta-device
+    ``model`` is then filled from the safetensors of the HF folder ``weights``, each rank its shards;
+    AdamW on its fp32 (master) parameters; warmup + decay schedule over ``total_steps``."""
     parallel, optim = cfg.parallel, cfg.optim
     backend = resolve_backend(parallel.kernel_backend, env.device)
     liger = use_liger_layers(parallel.liger_layers, env.device, model.config.model_type)
@@ -92,6 +95,8 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
     policy = PolicyLoss(model, backend=backend, pair_loss=pair_loss)
     parallelize(policy, activation_checkpointing=parallel.activation_checkpointing, sharded=env.sharded,
                 device=env.device, compile_layers=parallel.compile_layers)
+    if weights is not None:
+        load_hf_weights(model, weights)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
@@ -174,9 +179,10 @@ def train(
                              "or another out_dir")
         # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
         reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
-        model, tokenizer = load_model_and_tokenizer(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+        model, tokenizer, weights = load_for_training(run.model_name_or_path, init=cfg.parallel.init,
+                                                      sharded=env.sharded, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
-        policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss)
+        policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss, weights)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and not env.sharded
                     else contextlib.nullcontext())
         with autocast:
@@ -241,7 +247,7 @@ def train(
             metrics.close()
         reporter.close()
         if stopped is None and run.export_hf:
-            export_hf(model, tokenizer, out_dir)
+            export_hf(model, tokenizer, out_dir / "final", dtype=export_dtype(run.export_dtype, env.device))
         return TrainResult(start + len(losses), losses, last_ckpt, stopped)
 
 

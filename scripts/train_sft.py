@@ -10,7 +10,7 @@ Every field of :class:`gem_fast.config.TrainConfig` is a flag (``--help`` lists 
 with the transformers names ``--learning_rate``, ``--output_dir``, ... as aliases); ``--config``
 reads a YAML file first and flags override it. Writes checkpoints under ``<out_dir>/checkpoints`` (``--resume``
 continues from the latest), ``<out_dir>/metrics.jsonl`` and, at the end, a Hugging Face folder
-in ``<out_dir>``. Stopped by SIGTERM/SIGINT it checkpoints and exits with 128 + the signal.
+in ``<out_dir>/final`` (``--export_dtype``). Stopped by SIGTERM/SIGINT it checkpoints and exits with 128 + the signal.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Preference accuracy of a causal LM on a JSONL file of pairs, with the implicit reward β·log π(a|q).
 
-    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo \
+    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo/final \
         --eval_jsonl data/pairs.jsonl --beta 1.0
 
 Prints a table (per subset when rows carry "subset", then all pairs) and writes the report,
