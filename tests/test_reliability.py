@@ -110,12 +110,11 @@ def test_debug_flag_and_env_show_the_traceback(inputs, monkeypatch):
         _train_sft(["--batch_size", "0"])
 
 
-def test_a_finished_run_is_refused_then_resumed_or_overwritten(tmp_path, capsys):
-    for outputs in (["metrics.jsonl"], ["model.safetensors"], ["final/model.safetensors"], ["checkpoints/step_00000002/x"]):
-        out = tmp_path / outputs[0].split("/")[0]
-        for name in outputs:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text("{}")
+def test_a_finished_run_is_refused_then_resumed_or_overwritten(tmp_path):
+    for output in ("metrics.jsonl", "model.safetensors", "final/model.safetensors", "checkpoints/step_00000002/x"):
+        out = tmp_path / output.replace("/", "_")
+        (out / output).parent.mkdir(parents=True)
+        (out / output).write_text("{}")
         with pytest.raises(UsageError, match="holds a run .*pass --resume to continue it, --overwrite to replace it"):
             claim_out_dir(out, resume=False, overwrite=False)
         claim_out_dir(out, resume=True, overwrite=False)

@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_length", type=number(int, at_least=2), default=1024, help="tokens per prompt+response row")
     p.add_argument("--limit", type=number(int, at_least=1), default=None, help="evaluate the first N pairs only")
     p.add_argument("--tie_tolerance", type=float, default=1e-6, help="relative reward gap that still counts as a tie")
-    p.add_argument("--n_bootstrap", type=number(int, at_least=1), default=1000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--n_bootstrap", type=number(int, at_least=1), default=1000,
+                   help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

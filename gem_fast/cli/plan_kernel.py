@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(ELEMENT_SIZES), default="bf16")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="sets the default block budget and row tiles (and the backends: triton on cuda)")
-    parser.add_argument("--block_bytes", type=number(int, above=0), help="bytes of one [chunk, V] block (default: the device's)")
+    parser.add_argument("--block_bytes", type=number(int, above=0),
+                        help="bytes of one [chunk, V] block (default: the device's)")
     parser.add_argument("--dw_accumulation", choices=DW_ACCUMULATIONS, default="input")
     parser.add_argument("--matmul_tflops", type=number(float, above=0), default=790.0)
     parser.add_argument("--bandwidth_tbs", type=number(float, above=0), default=3.0)
