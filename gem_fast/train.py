@@ -100,7 +100,8 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int]]:
-    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and returns at the step end."""
+    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and returns at the step end
+    (one received while the model loads stops the run after its first step)."""
     received: dict[str, int] = {}
     def record(signum: int, _frame: Any) -> None:
         received.setdefault("signal", signum)
@@ -194,7 +195,10 @@ def train(
     run = cfg.run
     pairs, settings = _checked_inputs(cfg)
     out_dir, ckpt_root = Path(run.out_dir), Path(run.out_dir) / "checkpoints"
-    with process_group() as env, run_lock(out_dir) if env.rank == 0 else contextlib.nullcontext():
+    # Signals are recorded from here until the lock is released and the process group is gone: a
+    # SIGTERM torchrun sends to a worker still closing (after another exited 143) does not kill it.
+    with (_stop_on_signals() as received, process_group() as env,
+          run_lock(out_dir) if env.rank == 0 else contextlib.nullcontext()):
         if env.rank == 0:
             claim_out_dir(out_dir, resume=run.resume, overwrite=run.overwrite)
         global_batch = run.batch_size * run.grad_accum * env.world
@@ -232,41 +236,40 @@ def train(
         bar = tqdm(total=total_steps, initial=start, desc=run.objective, disable=env.rank != 0 or not run.progress)
         losses: list[float] = []
         stopped = None
-        with _stop_on_signals() as received:
-            for step in range(start, total_steps):
-                t0 = time.perf_counter()
-                micro_batches, stats = objective.step_batches(policy, step)
-                loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
-                grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
-                values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
-                record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),
-                          "grad_norm": values.pop("grad_norm"), "lr": schedule.get_last_lr()[0], **values}
-                record.update(guard.check(step + 1, record["loss"], record["grad_norm"], optimizer, env,
-                                          last_good=str(last_ckpt or "none (no checkpoint written yet)")))
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                record["step_time_s"] = time.perf_counter() - t0
-                losses.append(record["loss"])
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    bar.update(1)
-                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in record.items()))
-                done = step + 1
-                if stop or (run.save_every and done % run.save_every == 0):
-                    trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
-                                     "scheduler": schedule.state_dict(), "guard": guard.state_dict(),
-                                     "training_settings": settings}
-                    last_ckpt = save_checkpoint(
-                        ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints
-                    )
-                if on_step is not None:
-                    on_step(done, record, policy)
-                if stop:
-                    stopped = received.get("signal", signal.SIGTERM)  # another rank may have received it
-                    break
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            micro_batches, stats = objective.step_batches(policy, step)
+            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
+            grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
+            values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
+            record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),
+                      "grad_norm": values.pop("grad_norm"), "lr": schedule.get_last_lr()[0], **values}
+            record.update(guard.check(step + 1, record["loss"], record["grad_norm"], optimizer, env,
+                                      last_good=str(last_ckpt or "none (no checkpoint written yet)")))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            record["step_time_s"] = time.perf_counter() - t0
+            losses.append(record["loss"])
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.update(1)
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in record.items()))
+            done = step + 1
+            if stop or (run.save_every and done % run.save_every == 0):
+                trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
+                                 "scheduler": schedule.state_dict(), "guard": guard.state_dict(),
+                                 "training_settings": settings}
+                last_ckpt = save_checkpoint(
+                    ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints
+                )
+            if on_step is not None:
+                on_step(done, record, policy)
+            if stop:
+                stopped = received.get("signal", signal.SIGTERM)  # another rank may have received it
+                break
         bar.close()
         if metrics is not None:
             metrics.close()
@@ -283,4 +286,9 @@ def main(argv: list[str] | None, *, objective: str, description: str) -> int:
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(parse_config(argv, objective=objective, description=description))
-    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+    if result.stopped_by_signal is None:
+        return 0
+    # Checkpointed and leaving: torchrun sends SIGTERM to the workers still alive once one has exited, and
+    # that must not turn this worker's 143 into death by signal while the interpreter shuts down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return 128 + result.stopped_by_signal
