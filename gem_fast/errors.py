@@ -111,16 +111,21 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _check_creatable(folder: Path, flag: str, path: Path) -> None:
+    """:class:`UsageError` (about ``flag`` ``path``) unless ``folder`` exists or can be created and written."""
+    existing = _nearest_existing(folder.absolute())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+
+
 def output_dir(path: str | Path, flag: str) -> Path:
     """``path`` as a folder that exists or can be created and written; :class:`UsageError` otherwise."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path}: is a file, expected a folder; choose another {flag}")
-    existing = _nearest_existing(path.absolute())
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, so the folder cannot be made")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+    _check_creatable(path, flag, path)
     return path
 
 
@@ -130,10 +135,10 @@ def writable_file(path: str | Path, flag: str, *, overwrite: bool) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder, expected a file name")
-    output_dir(path.parent, f"{flag} folder")
+    _check_creatable(path.parent, flag, path)
     if path.exists():
         if not overwrite:
-            raise UsageError(f"{flag} {path}: exists; pass --overwrite to replace it, or choose another {flag}")
+            raise UsageError(f"{path}: exists; pass --overwrite to replace it, or choose another {flag}")
         if not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {path}: exists and is not writable")
     return path

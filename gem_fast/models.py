@@ -3,6 +3,7 @@ Liger-Kernel's RMSNorm, RoPE and SwiGLU layers patched into a loaded Llama-famil
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -11,12 +12,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from gem_fast.errors import check_model_source
+from gem_fast.errors import UsageError, check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,21 @@ def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
     return str(name_or_path), {}
 
 
+@contextlib.contextmanager
+def _hub_errors(name_or_path: str | Path | None) -> Iterator[None]:
+    """A Hub id the Hub could not provide (no network, no such repo) becomes a one-line :class:`UsageError`
+    naming it; errors about existing local files pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if name_or_path is None or Path(str(name_or_path)).expanduser().exists():
+            raise
+        first_line = str(exc).strip().splitlines()[0]
+        raise UsageError(f"model {name_or_path}: not a local folder, and the Hugging Face Hub did not provide it "
+                         f"({first_line}); a local folder must exist (./{name_or_path} looks local), offline set "
+                         "HF_HUB_OFFLINE=1") from exc
+
+
 def choose_attn_implementation(device: str | torch.device) -> str:
     """``flash_attention_2`` when the `flash_attn` package is importable and ``device`` is CUDA, else ``sdpa``."""
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -111,7 +127,8 @@ def load_tokenizer(name_or_path: str | Path | None = None, *, trust_remote_code:
     A tokenizer without a pad token gets its EOS token as pad (generation masks padding anyway).
     """
     source, extra = _resolve_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with _hub_errors(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -133,9 +150,10 @@ def load_model(
     """
     source, extra = _resolve_source(name_or_path)
     attn = attn_implementation or choose_attn_implementation(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **extra
-    )
+    with _hub_errors(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **extra
+        )
     model.to(device).eval()
     logger.info(
         "loaded %s (%s) on %s, dtype=%s, attn_implementation=%s",

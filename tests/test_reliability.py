@@ -20,6 +20,7 @@ from tiny_lm import run_config, write_run_inputs
 
 import gem_fast.train as train_module
 from gem_fast.cli import eval_pref_accuracy, plan_kernel, plan_memory, prepare_data
+from gem_fast import models
 from gem_fast.config import GuardConfig
 from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
@@ -240,14 +241,14 @@ def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tm
     try:
         err = _one_line_error(capsys, 2, lambda: eval_pref_accuracy.main(
             ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data)]))
-        assert f"--output_json {report}: exists; pass --overwrite" in err
+        assert f"{report}: exists; pass --overwrite to replace it, or choose another --output_json" in err
     finally:
         report.unlink()
     (tmp_path / "a_file").write_text("")
     err = _one_line_error(capsys, 2, lambda: eval_pref_accuracy.main(
         ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data),
          "--output_json", str(tmp_path / "a_file" / "report.json")]))
-    assert "is a file" in err
+    assert f"--output_json {tmp_path / 'a_file' / 'report.json'}: {tmp_path / 'a_file'} is a file, not a folder" in err
     err = _one_line_error(capsys, 2, lambda: eval_pref_accuracy.main(["--eval_jsonl", str(tmp_path / "none.jsonl")]))
     assert "--eval_jsonl" in err and "no such file" in err
 
@@ -256,7 +257,7 @@ def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tm
     train_file = tmp_path / "split" / "train.jsonl"
     kept = train_file.read_text()
     err = _one_line_error(capsys, 2, lambda: prepare_data.main(argv))
-    assert f"{train_file}: exists; pass --overwrite" in err and train_file.read_text() == kept
+    assert f"{train_file}: exists; pass --overwrite to replace it, or choose another --out_dir" in err and train_file.read_text() == kept
     assert prepare_data.main([*argv, "--overwrite", "--seed", "1"]) == 0
     err = _one_line_error(capsys, 2, lambda: prepare_data.main(["--input", str(tmp_path / "x.jsonl"),
                                                                  "--out_dir", str(tmp_path)]))
@@ -299,3 +300,13 @@ def test_a_worker_exits_when_its_launcher_is_killed(tmp_path):
     else:
         os.kill(int(pid), signal.SIGKILL)
         pytest.fail("the worker outlived its launcher")
+
+
+def test_a_hub_id_the_hub_cannot_provide_is_one_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(UsageError, match=r"^model someorg/somemodel: not a local folder, and the Hugging Face Hub "
+                                         r"did not provide it \(We couldn't connect .* to load the files.\);"):
+        models.load_tokenizer("someorg/somemodel")
