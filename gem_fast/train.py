@@ -289,6 +289,7 @@ def main(argv: list[str] | None, *, objective: str, description: str) -> int:
     if result.stopped_by_signal is None:
         return 0
     # Checkpointed and leaving: torchrun sends SIGTERM to the workers still alive once one has exited, and
-    # that must not turn this worker's 143 into death by signal while the interpreter shuts down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # that must not turn this worker's 143 into death by signal while the interpreter shuts down. A no-op
+    # handler, not SIG_IGN, which processes started later would inherit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     return 128 + result.stopped_by_signal

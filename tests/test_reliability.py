@@ -225,7 +225,11 @@ def test_sigterm_checkpoints_and_exits_143_without_a_traceback(inputs, tmp_path,
     monkeypatch.setattr(train_module, "train", functools.partial(train, on_step=sigterm_at_step_1))
     argv = ["--model_name_or_path", str(model_dir), "--train_jsonl", str(data), "--out_dir", str(tmp_path),
             "--max_steps", "5", "--progress", "false", "--export_hf", "false"]
-    assert _train_sft(argv) == 128 + signal.SIGTERM
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert _train_sft(argv) == 128 + signal.SIGTERM
+    finally:  # main leaves a no-op SIGTERM handler for the process's exit
+        signal.signal(signal.SIGTERM, handler)
     assert "Traceback" not in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     assert not (tmp_path / LOCK_NAME).exists()
