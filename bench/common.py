@@ -66,6 +66,16 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def rss_bytes() -> int:
+    """This process's resident set now (``VmRSS``)."""
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own resident high-water mark (``VmHWM``; ``ru_maxrss`` would carry a launcher's)."""
+    return _status_bytes("VmHWM")
+
+
 class PeakMemory:
     """Peak bytes a call allocates beyond the state at :meth:`start`, on ``device``."""
 

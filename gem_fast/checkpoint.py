@@ -1,4 +1,5 @@
-"""Sharded training checkpoints (torch.distributed.checkpoint) and the final Hugging Face export.
+"""Sharded training checkpoints (torch.distributed.checkpoint), the initial weights read shard by shard
+from Hugging Face safetensors, and the final Hugging Face export gathered one tensor at a time.
 
 Layout under ``<out_dir>/checkpoints``::
 
@@ -9,11 +10,15 @@ Layout under ``<out_dir>/checkpoints``::
 A checkpoint is written into the ``.tmp_`` directory by every rank and renamed by rank 0 after
 a barrier, so a run killed mid-save leaves the previous checkpoint as the latest complete one.
 Works with or without an initialised process group (DCP's ``no_dist`` path on one process).
+
+The trained model is exported to ``<out_dir>/final/`` (safetensors + config + tokenizer), apart
+from the checkpoints and the metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -28,16 +33,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from gem_fast.models import prepare_for_save
-
-__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "export_hf"]
+__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "load_hf_weights", "EXPORT_DTYPES",
+           "export_dtype", "export_hf"]
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -153,23 +157,101 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def export_hf(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> None:
-    """Save ``model`` (an HF ``PreTrainedModel``, sharded or not) and ``tokenizer`` as an HF folder.
-
-    Collective: all ranks gather the full state dict (on CPU); rank 0 writes safetensors.
-    GGUF quantisation markers are dropped first (:func:`gem_fast.models.prepare_for_save`).
-    """
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # Gathering unshares tied weights (embedding = LM head); keep each Parameter under its first
-    # name only, as save_pretrained does for a plain tied model, so the folder reloads tied.
-    seen: set[int] = set()
+def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (this rank's shards, nothing gathered) without the later names of a parameter
+    registered under several (tied input/output embeddings): the same names on every rank."""
+    first: set[int] = set()
+    aliases = set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            full.pop(name, None)
-        seen.add(id(param))
-    if _rank() == 0:
-        prepare_for_save(model)
-        model.save_pretrained(out_dir, state_dict=full, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        logger.info("exported Hugging Face model to %s", out_dir)
+        if id(param) in first:
+            aliases.add(name.replace(_CHECKPOINT_PREFIX, ""))
+        first.add(id(param))
+    return {name: value for name, value in get_model_state_dict(model).items() if name not in aliases}
+
+
+def load_hf_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Fill ``model`` (a Hugging Face model, ``fully_shard``-ed or not, parameters allocated) with the
+    weights of the safetensors in ``folder``; each rank reads only its own shards' slices.
+
+    Collective. DCP's Hugging Face reader plans each rank's slices and copies them (cast to the
+    parameters' dtype) into the local shards from the memory-mapped files. One tensor per DCP load:
+    the reader keeps a file mapped while it serves a load, and every page it touched stays resident
+    until then, so one load of everything would hold this rank's share of the files on top of its
+    shards; per tensor, only that tensor's slice is. A tied tensor absent from the files
+    (``lm_head.weight``) is filled through its tie; any other missing tensor raises ValueError
+    naming the folder.
+    """
+    reader = HuggingFaceStorageReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
+    distinct = _distinct_tensors(model)
+    if missing := sorted(set(distinct) - set(stored)):
+        raise ValueError(f"{folder}: the safetensors lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} tensors of {type(model).__name__})")
+    with _single_process_intended():
+        for name, tensor in distinct.items():
+            dcp.load({name: tensor}, storage_reader=reader, no_dist=not dist.is_initialized())
+    logger.info("loaded %d tensors from %s into this rank's shards", len(distinct), folder)
+
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def export_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of the exported weights: ``setting`` one of :data:`EXPORT_DTYPES`, or "auto", the dtype the
+    forward passes ran in: bf16 on CUDA (FSDP2 mixed precision, or autocast on one GPU), fp32 on the CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if setting not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype: expected 'auto' or one of {sorted(EXPORT_DTYPES)}, got {setting!r}")
+    return EXPORT_DTYPES[setting]
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Any, folder: str | Path, *, dtype: torch.dtype,
+              max_file_bytes: int | str = "5GB") -> Path:
+    """Save ``model`` (a Hugging Face ``PreTrainedModel``, sharded or not) and ``tokenizer`` as an HF folder
+    ``folder`` with weights in ``dtype``: safetensors files of at most ``max_file_bytes`` (a larger tensor
+    gets a file of its own; an index when several files), config.json, generation_config.json, the
+    tokenizer. Returns ``folder``.
+
+    Collective. Tensors are gathered to full size one at a time (each cast to ``dtype`` on its
+    shards first); rank 0 keeps the gathered tensors of one file at most, writes it and drops
+    them, so no rank ever holds the whole state dict. Tied tensors are written once, as
+    ``save_pretrained`` does, so the folder reloads tied; GGUF quantisation markers are dropped.
+    """
+    folder = Path(folder)
+    rank = _rank()
+    state = _distinct_tensors(model)
+    # The file plan needs only names, shapes and the export dtype: meta stand-ins, no memory.
+    plan = split_torch_state_dict_into_shards(
+        {name: torch.empty(value.shape, dtype=dtype, device="meta") for name, value in state.items()},
+        max_shard_size=max_file_bytes)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    for filename, names in plan.filename_to_tensors.items():
+        tensors = {}
+        for name in names:
+            value = state[name].detach().to(dtype)
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if rank == 0:
+                tensors[name] = full.to("cpu").contiguous()
+            del full
+        if rank == 0:
+            save_file(tensors, folder / filename, metadata={"format": "pt"})
+        del tensors
+    if rank == 0:
+        if plan.is_sharded:
+            index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # a GGUF source's marker; the weights are plain now
+            del config.quantization_config
+        config.dtype = dtype
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        logger.info("exported the Hugging Face model (%s, %d files) to %s", str(dtype).removeprefix("torch."),
+                    len(plan.filename_to_tensors), folder)
     _barrier()
+    return folder

@@ -5,7 +5,9 @@ A run is a :class:`TrainConfig` of sections (``run``, ``optim``, ``parallel``, `
 is a ``--flag`` and a top-level YAML key of the same name (field names are unique across
 sections), e.g. ``--lr`` sets ``optim.lr``; nested YAML (``optim: {lr: 1e-5}``) is read as well.
 ``--beta`` of ``train_sega.py`` is the SEGA reward temperature (the GEM README's flag); of
-``train_sft.py`` (DPO/IPO) it is the β of the implicit reward. Flag help comes from the fields.
+``train_sft.py`` (DPO/IPO) it is the β of the implicit reward. The transformers/TRL names
+(``--learning_rate``, ``--output_dir``, ...: :data:`HF_ALIASES`) are aliases. Flag help comes from
+the fields, grouped by section.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import yaml
 from gem_fast.errors import UsageError, add_debug_flag, input_file
 from gem_fast.kernels import BACKENDS
 from gem_fast.ranking import RATING_METHODS
+from gem_fast.reporting import REPORT_TO, missing_package
 
 __all__ = ["RunConfig", "OptimConfig", "GuardConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
-           "TrainConfig", "parse_bool", "read_yaml", "parse_config"]
+           "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "read_yaml", "parse_config"]
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -52,42 +55,56 @@ class _Bounded:
 class RunConfig(_Bounded):
     """Data, model, objective, batch shape and the run's bookkeeping."""
 
-    train_jsonl: str = _opt("", "preference pairs JSONL (prompt, chosen, rejected)")
-    out_dir: str = _opt("outputs/run", "checkpoints, metrics.jsonl, train_config.json and the HF export")
-    model_name_or_path: str | None = _opt(None, "HF model folder or hub id (unset: the embedded SmolLM2 GGUF)")
-    objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective")
+    train_jsonl: str = _opt("", "training data, JSON Lines: preference pairs {prompt, chosen, rejected}; SFT also "
+                                "takes {prompt, completion} and chat {messages} rows (see README, Data)")
+    out_dir: str = _opt("outputs/run", "folder of the run: checkpoints/, metrics.jsonl, train_config.json and "
+                                       "final/ (the trained model as a Hugging Face folder)")
+    model_name_or_path: str | None = _opt(None, "HF model folder, .gguf file or Hub id (unset: the embedded "
+                                                "SmolLM2-135M-Instruct)")
+    objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
+                                                                  "dpo or ipo on the pairs")
     epochs: int = _opt(1, "passes over the data", at_least=1)
-    max_steps: int = _opt(0, "> 0 caps the optimizer steps", at_least=0)
-    batch_size: int = _opt(1, "rows (SFT, DPO/IPO pairs) or prompts (SEGA) per rank per micro-step",
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no cap, epochs decide)", at_least=0)
+    batch_size: int = _opt(1, "rows (SFT), pairs (DPO/IPO) or prompts (SEGA) per rank per micro-step", at_least=1)
+    grad_accum: int = _opt(1, "micro-steps per optimizer step; global batch = batch_size x grad_accum x ranks",
                            at_least=1)
-    grad_accum: int = _opt(1, "micro-steps per optimizer step", at_least=1)
-    max_length: int = _opt(512, "tokens per row (SEGA: per prompt)", at_least=2)
-    seed: int = _opt(0, "data order and sampling seed")
-    save_every: int = _opt(0, "optimizer steps between checkpoints; 0: only on SIGTERM/SIGINT", at_least=0)
-    keep_checkpoints: int = _opt(2, "checkpoints kept on disk", at_least=1)
-    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir")
-    overwrite: bool = _opt(False, "start afresh in an out_dir that holds a run (its checkpoints and metrics are "
-                                  "deleted first); without it such an out_dir is refused")
+    max_length: int = _opt(512, "tokens per prompt+response row, prompt cut from the left (SEGA: per prompt)",
+                           at_least=2)
+    seed: int = _opt(0, "seed of the data order and of SEGA's sampling")
+    save_every: int = _opt(0, "optimizer steps between checkpoints (0: only when SIGTERM/SIGINT stops the run)",
+                           at_least=0)
+    keep_checkpoints: int = _opt(2, "newest checkpoints kept on disk; older ones are deleted", at_least=1)
+    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints")
+    overwrite: bool = _opt(False, "start afresh in an out_dir that holds a run (its checkpoints, metrics and final/ "
+                                  "are deleted first); without it such an out_dir is refused")
     allow_config_change: bool = _opt(False, "with --resume: apply training settings (lr, schedule, batch, "
                                             "objective, seed, data, model) that differ from the checkpoint's, "
                                             "logged, instead of refusing")
-    chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template")
-    trust_remote_code: bool = _opt(False, "let transformers run the model repository's code")
-    export_hf: bool = _opt(True, "write the trained model as an HF folder into out_dir at the end")
-    progress: bool = _opt(True, "progress bar and per-step lines on rank 0")
+    chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template (instruct models)")
+    trust_remote_code: bool = _opt(False, "let transformers run Python code from the model repository (only for "
+                                          "repositories you trust)")
+    export_hf: bool = _opt(True, "write the trained model as a Hugging Face folder to <out_dir>/final at the end")
+    export_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt(
+        "auto", "dtype of the exported weights; auto: the one the model trained in (bf16 on CUDA, fp32 on the CPU)")
+    progress: bool = _opt(True, "rank 0 shows progress bars and prints one line per step")
+    report_to: str = _opt("none", "also send each step's metrics.jsonl record to TensorBoard (out_dir/tensorboard, "
+                                  "needs the tensorboard package) or Weights & Biases (needs wandb; project from "
+                                  "WANDB_PROJECT, default gem_fast)", choices=REPORT_TO)
 
 
 @dataclass(frozen=True)
 class OptimConfig(_Bounded):
     """AdamW, gradient clipping and the learning-rate schedule."""
 
-    lr: float = _opt(1e-5, "peak learning rate", above=0)
-    weight_decay: float = _opt(0.0, "AdamW weight decay", at_least=0)
+    lr: float = _opt(1e-5, "peak learning rate of AdamW, reached after warmup_steps", above=0)
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (per step, times the lr)", at_least=0)
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)",
                                 at_least=0)
-    warmup_steps: int = _opt(0, "linear warmup steps", at_least=0)
-    lr_decay: Literal["cosine", "linear", "constant"] = _opt("cosine", "decay after warmup")
-    min_lr_ratio: float = _opt(0.1, "final learning rate / peak", at_least=0, at_most=1)
+    warmup_steps: int = _opt(0, "optimizer steps of linear warmup from lr/warmup_steps to lr", at_least=0)
+    lr_decay: Literal["cosine", "linear", "constant"] = _opt(
+        "cosine", "learning-rate schedule after warmup: cosine or linear down to min_lr_ratio x lr at the last "
+                  "step, or constant")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr (cosine, linear)", at_least=0, at_most=1)
 
 
 @dataclass(frozen=True)
@@ -105,49 +122,68 @@ class GuardConfig(_Bounded):
 
 @dataclass(frozen=True)
 class ParallelConfig(_Bounded):
-    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing."""
+    """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing, model init."""
 
-    kernel_backend: str = _opt("auto", "backend of gem_fast.kernels", choices=BACKENDS)
+    kernel_backend: str = _opt("auto", "implementation of the fused vocab kernels (log-probs, entropy, loss) in "
+                                       "training and in SEGA's sampler; auto: triton on CUDA, else torch",
+                               choices=BACKENDS)
     liger_layers: Literal["auto", "on", "off"] = _opt(
         "auto", "Liger-Kernel RMSNorm/RoPE/SwiGLU in the decoder (never its cross-entropy); auto: on with CUDA "
                 "and liger-kernel")
     compile_layers: bool = _opt(False, "torch.compile each decoder layer (after activation checkpointing, before FSDP)")
-    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in backward")
+    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in backward: less "
+                                                 "memory, one more forward per layer")
+    init: Literal["auto", "meta", "full"] = _opt(
+        "auto", "meta: build the model on the meta device, shard it, then each rank reads its own shards from the "
+                "safetensors; full: every rank loads the whole model first (small models); auto: meta when sharded "
+                "and the model is a local safetensors folder")
 
 
 @dataclass(frozen=True)
 class SamplingConfig(_Bounded):
     """SEGA's candidates: k per prompt, their length and the sampler."""
 
-    k: int = _opt(4, "SEGA candidates sampled per prompt (advantages are relative to the group: one "
-                     "candidate trains nothing)", at_least=2)
-    gen_max_new_tokens: int = _opt(256, "tokens generated per candidate at most", at_least=1)
-    temperature: float = _opt(1.0, "sampling temperature (0: greedy)", at_least=0)
-    top_p: float = _opt(0.95, "nucleus sampling mass", above=0, at_most=1)
+    k: int = _opt(4, "candidates sampled per prompt, the group of Eq. 2's advantages (2 or more: one candidate "
+                     "trains nothing)", at_least=2)
+    gen_max_new_tokens: int = _opt(256, "tokens generated per candidate at most (fewer when it ends with EOS)",
+                                   at_least=1)
+    temperature: float = _opt(1.0, "sampling temperature T (0: greedy); Eq. 1's entropies are of softmax(logits / T) "
+                                   "(greedy: of softmax(logits))", at_least=0)
+    top_p: float = _opt(0.95, "nucleus sampling: draw from the most probable tokens holding this probability "
+                              "mass (1: all)", above=0, at_most=1)
 
 
 @dataclass(frozen=True)
 class SegaConfig(_Bounded):
     """GEM Eq. 1 (scores) and Eq. 2 (group advantages)."""
 
-    lambda_fork: float = _opt(0.4, "Eq. 1: weight of the fork-token entropy term")
-    top_m: float = _opt(0.1, "Eq. 1: fraction of highest-entropy tokens taken as forks")
-    reward_mapping: Literal["identity", "softmax"] = _opt("softmax", "scores to rewards")
-    reward_temperature: float = _opt(1.0, "softmax temperature of the reward mapping, r = softmax(S / T) "
-                                          "(flag alias --beta)", above=0)
-    final_span: Literal["last_fraction", "marker"] = _opt("last_fraction", "which tokens Eq. 1 scores as the answer")
-    final_fraction: float = _opt(0.25, "last_fraction: that fraction of a candidate's last tokens")
+    lambda_fork: float = _opt(0.4, "Eq. 1, S = -mean(H_answer) + lambda_fork x mean(H_forks): weight of the "
+                                   "fork tokens' entropy")
+    top_m: float = _opt(0.1, "Eq. 1: fraction (0-1] of a candidate's tokens before the answer span, those of "
+                             "highest entropy, taken as forks")
+    reward_mapping: Literal["identity", "softmax"] = _opt(
+        "softmax", "scores to rewards: identity, or softmax over the group at reward_temperature")
+    reward_temperature: float = _opt(1.0, "softmax temperature T of the reward mapping, r = softmax(S / T) "
+                                          "(train_sega.py's --beta)", above=0)
+    final_span: Literal["last_fraction", "marker"] = _opt(
+        "last_fraction", "which tokens Eq. 1 scores as the answer: the last final_fraction of the candidate, or "
+                         "the tokens after an 'Answer:' / '####' marker (no marker: no answer, score -inf)")
+    final_fraction: float = _opt(0.25, "with final_span last_fraction: this fraction (0-1] of a candidate's "
+                                       "tokens, from its end, is the answer")
     ranking: str = _opt("score", "what the reward mapping receives: the Eq. 1 scores, or Bradley-Terry / TrueSkill "
                                  "ratings fitted to the candidates' token-level entropy comparisons",
                         choices=RATING_METHODS)
+    log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends its prompts, candidates, "
+                                      "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)")
 
 
 @dataclass(frozen=True)
 class PairConfig(_Bounded):
     """DPO / IPO on human pairs."""
 
-    beta: float = _opt(1.0, "β of the implicit reward β·log(π/π_ref)", above=0)
-    length_normalize: bool = _opt(False, "per-token mean log-probs instead of sums")
+    beta: float = _opt(1.0, "β of the implicit reward β·log(π/π_ref): larger keeps the policy nearer the reference",
+                       above=0)
+    length_normalize: bool = _opt(False, "compare per-token mean log-probs instead of sums (TRL does so for IPO)")
 
 
 # Sections only one family of objectives reads; the other's flags are not offered.
@@ -158,6 +194,9 @@ _TRAINING_RUN_FIELDS = ("model_name_or_path", "objective", "epochs", "max_steps"
                         "max_length", "seed", "chat_template")
 # Flat names kept for what users type today: SEGA's `beta` is its reward temperature.
 _SEGA_ALIASES = {"beta": "reward_temperature"}
+# transformers' TrainingArguments / TRL names of the same settings, as flags and YAML keys.
+HF_ALIASES = {"learning_rate": "lr", "output_dir": "out_dir", "per_device_train_batch_size": "batch_size",
+              "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs"}
 
 
 @dataclass(frozen=True)
@@ -174,14 +213,16 @@ class TrainConfig:
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
-        """Config from flat field names (SEGA's ``beta`` alias included); an ``objective`` left out is
-        "sega" when a sampling/SEGA field is named (a SEGA YAML), else "sft". Unknown names: KeyError."""
-        values = dict(values)
+        """Config from flat field names (the :data:`HF_ALIASES` and SEGA's ``beta`` alias included); an
+        ``objective`` left out is "sega" when a sampling/SEGA field is named (a SEGA YAML), else "sft".
+        Unknown names: KeyError; an alias beside its field: ValueError."""
+        values = field_names(values, HF_ALIASES)
         where = _field_sections()
         if "objective" not in values:
             values["objective"] = "sega" if any(where.get(n) in _SEGA_SECTIONS for n in values) else "sft"
         if values["objective"] == "sega":
-            values = {_SEGA_ALIASES.get(n, n): v for n, v in values.items()}
+            # Beside reward_temperature, `beta` is the pair section's own field (what to_flat writes).
+            values = field_names(values, {a: n for a, n in _SEGA_ALIASES.items() if n not in values})
         if unknown := sorted(set(values) - set(where)):
             raise KeyError(f"unknown config keys {unknown}")
         by_section: dict[str, dict[str, Any]] = {}
@@ -221,6 +262,19 @@ def _field_sections() -> dict[str, str]:
     return {f.name: s.name for s in _sections() for f in dataclasses.fields(s.type_)}
 
 
+def field_names(values: dict[str, Any], aliases: dict[str, str], *, spell: str = "keys {} and {}") -> dict[str, Any]:
+    """``values`` with each alias key renamed to its field; ``ValueError`` naming both when an alias and
+    its field are given (``spell`` formats the two names, e.g. ``"--{} and --{}"``)."""
+    renamed = dict(values)
+    for alias, name in aliases.items():
+        if alias not in renamed:
+            continue
+        if name in renamed:
+            raise ValueError(f"{spell.format(alias, name)} set the same field; give one of them")
+        renamed[name] = renamed.pop(alias)
+    return renamed
+
+
 def parse_bool(text: str) -> bool:
     """true/false, yes/no, on/off, 1/0 (any case) as a bool; argparse's error otherwise."""
     if text.lower() in ("1", "true", "yes", "on"):
@@ -232,16 +286,30 @@ def parse_bool(text: str) -> bool:
 
 def _arg_spec(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """argparse keywords for a field (also used to coerce YAML strings such as 1e-5)."""
-    spec: dict[str, Any] = {"help": f.metadata["help"] + f" (default: {f.default})"}
+    shown = "" if f.default in (None, "") else f" (default: {f.default})"
+    spec: dict[str, Any] = {"help": f.metadata["help"] + shown}
     if "choices" in f.metadata:
         return {**spec, "choices": f.metadata["choices"]}
     if typing.get_origin(hint) is Literal:
         return {**spec, "choices": typing.get_args(hint)}
     if hint is bool:
-        return {**spec, "type": parse_bool, "nargs": "?", "const": True}
+        return {**spec, "type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
     if hint in (int, float):
         return {**spec, "type": hint}
     return {**spec, "type": str}  # str and str | None
+
+
+class _OneSpelling(argparse.Action):
+    """Stores a field's value; a field named twice, by two of its spellings (``--lr`` and
+    ``--learning_rate``), is a usage error naming both."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        used = getattr(namespace, "_spelling", {})
+        if used.setdefault(self.dest, option_string) != option_string:
+            parser.error(f"{used[self.dest]} and {option_string} set the same field; give one of them")
+        namespace._spelling = used
+        setattr(namespace, self.dest, values)
 
 
 def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -280,37 +348,43 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict
 def parse_config(argv: list[str] | None, *, objective: str, description: str) -> TrainConfig:
     """TrainConfig from ``--config file.yaml`` and then CLI flags (a flag given wins over YAML).
 
-    Every field is a ``--flag`` (``--resume`` alone means true). ``objective`` "sega" fixes the
-    objective and offers the sampling/SEGA sections; otherwise it is the default of
-    ``--objective`` (sft, dpo, ipo) and the pair section is offered. Unknown YAML keys stop with
-    the file name.
+    Every field is a ``--flag`` (``--resume`` alone means true), listed in ``--help`` under its
+    section with its :data:`HF_ALIASES` spelling. ``objective`` "sega" fixes the objective and
+    offers the sampling/SEGA sections (``--beta``: the reward temperature); otherwise it is the
+    default of ``--objective`` (sft, dpo, ipo) and the pair section is offered. Unknown YAML keys,
+    and a field given under two names in one place, stop with a usage error naming them.
     """
     sega = objective == "sega"
     hidden = _PAIR_SECTIONS if sega else _SEGA_SECTIONS
+    aliases = {**HF_ALIASES, **(_SEGA_ALIASES if sega else {})}
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of config fields (flat, or nested by section); flags win")
+    add_debug_flag(parser)
     specs: dict[str, dict[str, Any]] = {}
     for section in _sections():
         if section.name in hidden:
             continue
+        group = parser.add_argument_group(section.name, section.type_.__doc__)
         hints = typing.get_type_hints(section.type_)
         for f in dataclasses.fields(section.type_):
+            if f.name == "objective" and sega:
+                continue
             specs[f.name] = _arg_spec(f, hints[f.name])
-    if sega:
-        del specs["objective"]
-        for alias, name in _SEGA_ALIASES.items():
-            specs[alias] = specs[name]
-    else:
-        specs["objective"]["choices"] = ("sft", "dpo", "ipo")
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of config fields (flat, or nested by section)")
-    add_debug_flag(parser)
-    for name, spec in specs.items():
-        parser.add_argument(f"--{name}", **spec)
+            if f.name == "objective":
+                specs[f.name]["choices"] = ("sft", "dpo", "ipo")
+            spellings = [f"--{f.name}", *(f"--{a}" for a, n in aliases.items() if n == f.name)]
+            group.add_argument(*spellings, action=_OneSpelling, **specs[f.name])
     cli = vars(parser.parse_args(argv))
+    cli.pop("_spelling", None)
     cli.pop("debug", None)  # read by gem_fast.errors.entry_point
     values: dict[str, Any] = {"objective": objective}
     if "config" in cli:
         path = cli.pop("config")
-        loaded = read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden))
+        try:
+            loaded = field_names(read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden)),
+                                 aliases, spell=f"{path}: keys {{}} and {{}}")
+        except ValueError as exc:  # a key under two names; a bad file is a UsageError already
+            raise UsageError(str(exc)) from None
         if unknown := sorted(set(loaded) - set(specs)):
             parser.error(f"{path}: unknown keys {unknown} for {objective}")
         for name, value in loaded.items():
@@ -321,4 +395,6 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
                 parser.error(f"{path}: {name} must be one of {spec['choices']}, got {value!r}")
             values[name] = value
     values.update(cli)
+    if why := missing_package(values.get("report_to", "none")):
+        parser.error(why)  # before any model loads
     return TrainConfig.from_flat(values)

@@ -1,16 +1,19 @@
-"""Preference-pair data: a JSONL loader and prompt/response tokenisation with response masks.
+"""Training data: JSONL loaders and prompt/response tokenisation with response masks.
 
-A line of the JSONL file is one object ``{"prompt": str, "chosen": str, "rejected": str}``
+A line of a preference file is one object ``{"prompt": str, "chosen": str, "rejected": str}``
 with an optional ``"subset": str`` (e.g. the RewardBench category) used for per-subset
-accuracy. Blank lines are skipped. Anything else raises ``ValueError`` naming the file and
-the 1-based line number, so a broken row in a large file can be found at once.
+accuracy. SFT (:func:`load_completions`) also reads ``{"prompt": str, "completion": str}`` rows
+and chat rows ``{"messages": [{"role", "content"}, ...]}`` whose last message, the assistant's,
+is the completion and whose earlier messages are the prompt, rendered by the chat template.
+Blank lines are skipped. Anything else raises ``ValueError`` naming the file and the 1-based
+line number, so a broken row in a large file can be found at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 import torch
 
@@ -18,9 +21,13 @@ from gem_fast.readers import jsonl_rows, open_text
 
 __all__ = [
     "PreferencePair",
+    "Message",
+    "Prompt",
+    "Completion",
     "EncodedBatch",
     "TokenizerLike",
     "load_preference_jsonl",
+    "load_completions",
     "encode_prompt_responses",
     "encode_pairs",
     "encode_prompts",
@@ -40,6 +47,72 @@ class PreferencePair:
     subset: str | None = None
 
 
+Message = Mapping[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant" | ..., "content": str}``."""
+Prompt = Union[str, Sequence[Message]]
+"""A prompt as text, or as the chat messages before a reply (always rendered by the chat template)."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One SFT example: ``completion`` is the reply to train on after ``prompt``."""
+
+    prompt: Prompt
+    completion: str
+
+
+def _check_text(row: Mapping[str, Any], name: str, where: str) -> str:
+    """``row[name]`` when it is a non-blank string; ``ValueError`` at ``where`` otherwise."""
+    if name not in row:
+        raise ValueError(f"{where}: missing field {name!r}")
+    if not isinstance(row[name], str):
+        raise ValueError(f"{where}: field {name!r} must be a string")
+    if not row[name].strip():
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return row[name]
+
+
+def _chat_completion(messages: Any, where: str) -> Completion:
+    """A ``messages`` list as (earlier messages, last assistant message's content)."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError(f"{where}: 'messages' must be a list of at least two messages (a prompt and the reply)")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's reply, got role "
+                         f"{messages[-1]['role']!r}")
+    _check_text(messages[-1], "content", f"{where}: messages[{len(messages) - 1}]")
+    return Completion(tuple(dict(m) for m in messages[:-1]), messages[-1]["content"])
+
+
+def load_completions(path: str | Path) -> list[Completion]:
+    """SFT examples of a JSONL file: ``{"messages"}`` chat rows, ``{"prompt", "completion"}`` rows, and
+    preference rows (their ``chosen`` is the completion), mixed freely.
+
+    Raises ``ValueError`` with ``path:line`` for invalid JSON, a row of none of these shapes, or a
+    missing, non-string or empty field.
+    """
+    path = Path(path)
+    examples: list[Completion] = []
+    with open_text(path) as handle:
+        for where, row in jsonl_rows(handle, path):
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if "messages" in row:
+                examples.append(_chat_completion(row["messages"], where))
+            elif "completion" in row:
+                examples.append(Completion(_check_text(row, "prompt", where), _check_text(row, "completion", where)))
+            elif "chosen" in row:  # checked whole, as every objective reads it
+                prompt, chosen, _ = (_check_text(row, field, where) for field in _REQUIRED_FIELDS)
+                examples.append(Completion(prompt, chosen))
+            else:
+                raise ValueError(f"{where}: expected {{prompt, completion}}, {{messages}} or {{prompt, chosen, "
+                                 f"rejected}} fields, got {sorted(row)}")
+    return examples
+
+
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:
     """Read preference pairs from a JSONL file (at most ``limit`` of them, in file order).
 
@@ -57,12 +130,7 @@ def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in _REQUIRED_FIELDS:
-                if field not in row:
-                    raise ValueError(f"{where}: missing field {field!r}")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string")
-                if not row[field].strip():
-                    raise ValueError(f"{where}: field {field!r} is empty")
+                _check_text(row, field, where)
             subset = row.get("subset")
             if subset is not None and not isinstance(subset, str):
                 raise ValueError(f"{where}: field 'subset' must be a string")
@@ -104,13 +172,16 @@ class EncodedBatch:
         return EncodedBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index])
 
 
-def _format_prompt(tokenizer: TokenizerLike, prompt: str, chat_template: bool) -> list[int]:
-    if not chat_template:
+def _format_prompt(tokenizer: TokenizerLike, prompt: Prompt, chat_template: bool) -> list[int]:
+    """Token ids of a text prompt (as a user message with ``chat_template``) or of chat messages."""
+    if isinstance(prompt, str) and not chat_template:
         return tokenizer.encode(prompt, add_special_tokens=True)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
+        why = "chat_template=True" if isinstance(prompt, str) else "chat rows ({\"messages\"})"
+        raise ValueError(f"{why} but the tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        messages, add_generation_prompt=True, tokenize=False
     )
     # The template already holds every special token the model expects.
     return tokenizer.encode(text, add_special_tokens=False)
@@ -118,7 +189,7 @@ def _format_prompt(tokenizer: TokenizerLike, prompt: str, chat_template: bool) -
 
 def encode_prompt_responses(
     tokenizer: TokenizerLike,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
     *,
     max_length: int = 1024,
@@ -127,6 +198,9 @@ def encode_prompt_responses(
     padding_side: str = "right",
 ) -> EncodedBatch:
     """Tokenise ``prompt + response`` rows and mark which positions are response tokens.
+
+    A prompt is text (wrapped as a user message when ``chat_template``) or chat messages
+    (always rendered by the tokenizer's chat template, with the generation prompt).
 
     Prompt and response are encoded separately and concatenated, so the response mask is
     exact (no BPE merge across the boundary). ``append_eos`` ends each response with the EOS

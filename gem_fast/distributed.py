@@ -147,9 +147,13 @@ def parallelize(policy: nn.Module, *, activation_checkpointing: bool, sharded: b
     ``policy`` is the root wrapper (:class:`gem_fast.policy.PolicyLoss`): its ``model`` holds the
     decoder layers, and its ``fsdp_forward_methods`` are registered so they gather like ``forward``.
     Embeddings, final norm and LM head stay in the root unit, so tied input/output embeddings
-    remain one parameter. Returns ``policy`` (modified in place).
+    remain one parameter. Parameters on the meta device (:func:`gem_fast.models.empty_model`) are
+    allocated on ``device`` after sharding, uninitialised (each rank its shards only), for
+    :func:`gem_fast.checkpoint.load_hf_weights` to fill; buffers keep their values. Returns ``policy``
+    (modified in place).
     """
     layers = _decoder_layers(policy.model)
+    buffers = _real_buffers(policy) if any(p.is_meta for p in policy.parameters()) else None
     if activation_checkpointing:
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
@@ -160,7 +164,7 @@ def parallelize(policy: nn.Module, *, activation_checkpointing: bool, sharded: b
             layer.compile()
         logger.info("torch.compile (inductor) on each of %d decoder layers; the first step compiles", len(layers))
     if not sharded:
-        return policy.to(device)
+        return policy.to(device) if buffers is None else _allocate(policy, buffers, device)
     on_cuda = device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_cuda else None, reduce_dtype=torch.float32)
     for layer in layers:
@@ -169,6 +173,39 @@ def parallelize(policy: nn.Module, *, activation_checkpointing: bool, sharded: b
     fully_shard(policy, mp_policy=MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, cast_forward_inputs=False))
     for method in getattr(policy, "fsdp_forward_methods", ()):
         register_fsdp_forward_method(policy, method)
+    return policy if buffers is None else _allocate(policy, buffers, device)
+
+
+_Buffers = list[tuple[nn.Module, str, torch.Tensor]]
+
+
+def _real_buffers(module: nn.Module) -> _Buffers:
+    """Copies of every buffer of ``module`` (owner, name, value), which must not be on the meta device."""
+    saved = []
+    for owner_name, owner in module.named_modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer.is_meta:
+                raise ValueError(f"buffer {owner_name}.{name} is on the meta device: build the model with its "
+                                 "buffers computed (gem_fast.models.empty_model)")
+            saved.append((owner, name, buffer.clone()))
+    return saved
+
+
+def _allocate(policy: nn.Module, buffers: _Buffers, device: torch.device) -> nn.Module:
+    """Meta parameters (sharded or not) allocated on ``device``, uninitialised, ties kept; ``buffers``' values
+    put back."""
+    # Unsharded, to_empty gives each registration of a tied parameter its own tensor: re-tie them after.
+    registrations = [(owner, name, param) for owner in policy.modules()
+                     for name, param in owner.named_parameters(recurse=False)]
+    policy.to_empty(device=device)  # the FSDP root's re-registers each rank's shards; it empties buffers too
+    allocated: dict[int, nn.Parameter] = {}
+    for owner, name, meta_param in registrations:
+        param = allocated.setdefault(id(meta_param), getattr(owner, name))
+        if getattr(owner, name) is not param:
+            setattr(owner, name, param)
+    with torch.no_grad():
+        for owner, name, value in buffers:
+            getattr(owner, name).copy_(value)
     return policy
 
 

@@ -183,11 +183,17 @@ def evaluate_preference_accuracy(
     confidence: float = 0.95,
     seed: int = 0,
     backend: str = "auto",
+    progress: bool | None = None,
 ) -> PreferenceAccuracy:
-    """Preference accuracy of ``model`` on ``pairs`` (see the module docstring for the rules)."""
-    forward = dict(batch_size=batch_size, max_length=max_length, chat_template=chat_template, backend=backend)
-    policy = pair_logprobs(model, tokenizer, pairs, **forward)
-    reference = None if ref_model is None else pair_logprobs(ref_model, tokenizer, pairs, **forward)
+    """Preference accuracy of ``model`` on ``pairs`` (see the module docstring for the rules).
+
+    ``progress``: a tqdm bar over the pairs per model scored (None: only on a TTY).
+    """
+    forward = dict(batch_size=batch_size, max_length=max_length, chat_template=chat_template, backend=backend,
+                   progress=progress)
+    policy = pair_logprobs(model, tokenizer, pairs, desc="eval: model log-probs", **forward)
+    reference = (None if ref_model is None else
+                 pair_logprobs(ref_model, tokenizer, pairs, desc="eval: reference log-probs", **forward))
     r_chosen, r_rejected = implicit_rewards(policy, reference, beta=beta, length_normalize=length_normalize)
     return accuracy_report(
         r_chosen,

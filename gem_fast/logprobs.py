@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
 from gem_fast.integrations import output_head
@@ -105,11 +106,14 @@ def pair_logprobs(
     max_length: int = 1024,
     chat_template: bool = False,
     backend: str = "auto",
+    progress: bool | None = False,
+    desc: str = "pair log-probs",
 ) -> PairLogprobs:
     """log π(chosen | prompt) and log π(rejected | prompt) of every pair, on the CPU.
 
     Runs without gradients in batches of ``batch_size`` pairs (chosen and rejected share one
     forward); used for evaluation and to compute a reference model's log-probs once.
+    ``progress``: a tqdm bar ``desc`` over the pairs (None: only on a TTY).
     """
     if not pairs:
         raise ValueError("pairs is empty")
@@ -117,11 +121,13 @@ def pair_logprobs(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     sums, counts = [], []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = encode_pairs(tokenizer, chunk, max_length=max_length, chat_template=chat_template).to(device)
-        sums.append(sequence_logprobs(model, batch, backend=backend).cpu())
-        counts.append(batch.response_mask[:, 1:].sum(-1).cpu())
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = encode_pairs(tokenizer, chunk, max_length=max_length, chat_template=chat_template).to(device)
+            sums.append(sequence_logprobs(model, batch, backend=backend).cpu())
+            counts.append(batch.response_mask[:, 1:].sum(-1).cpu())
+            bar.update(len(chunk))
     # Each chunk holds its chosen rows first, then its rejected rows (encode_pairs).
     rejected = torch.cat([torch.arange(len(s)) >= len(s) // 2 for s in sums])
     total, length = torch.cat(sums), torch.cat(counts)

@@ -25,6 +25,10 @@ allocator does not see. Not modelled: allocator fragmentation beyond that allowa
 step's lazy AdamW-state creation (the model is the steady state, step >= 2), the data loader,
 ``torch.compile``'d layers, models other than Llama-shaped decoders (dense gated MLP, RMSNorm,
 RoPE, grouped-query attention). bench/memory_plan.py checks the model against measured CPU peaks.
+
+Host memory while the model loads (:func:`host_load_bytes`), per rank: ``--init full`` holds the
+whole fp32 model and the safetensors pages it read on every rank; ``--init meta`` its shards only
+(bench/load_memory.py measures both).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from gem_fast.shapes import ModelShape
 
 __all__ = [
     "GIB", "Sampling", "Setup", "Precision", "Term", "Phase", "Plan", "precision", "rmsnorm_bytes_per_token", "layer_activation_bytes_per_token", "naive_loss_bytes",
-    "fused_loss_bytes", "plan_memory", "setup_from_train_config", "markdown_table",
+    "fused_loss_bytes", "plan_memory", "setup_from_train_config", "markdown_table", "host_load_bytes",
 ]
 
 GIB = 2**30
@@ -416,6 +420,24 @@ def setup_from_train_config(config: TrainConfig, *, world_size: int, loss: str, 
                      response_len=sampling.new_tokens, sampling=sampling, **common)
     rows = run.batch_size * (2 if run.objective in ("dpo", "ipo") else 1)
     return Setup(micro_batch=rows, seq_len=run.max_length, response_len=response_len, **common)
+
+
+def host_load_bytes(shape: ModelShape, *, world_size: int, init: Literal["meta", "full"], device: str = "cpu",
+                    source_element: int = 2) -> int:
+    """Peak host (CPU) memory of one rank while the model loads, bytes, from ``source_element``-byte
+    safetensors (2: bf16, as models ship; 4: fp32).
+
+    full: every rank builds the whole fp32 model and reads every tensor of the files, whose
+    memory-mapped pages stay resident until the load ends (what ``fully_shard`` frees comes after).
+    meta: on the CPU a rank allocates its fp32 shards (on CUDA they go to the GPU) and reads one
+    tensor's dim-0 slice at a time, whose file pages are resident until the next (the largest
+    tensor's slice in flight).
+    """
+    params = shape.params()
+    if init == "full":
+        return params * (FP32 + source_element)
+    shard, largest_slice = -(-params // world_size), -(-shape.largest_param() // world_size)
+    return shard * (FP32 if device == "cpu" else 0) + largest_slice * source_element
 
 
 def _gib(n: int | None) -> str:

@@ -1,5 +1,6 @@
 """Model and tokenizer loading: the embedded SmolLM2 GGUF, local HF folders, .gguf files, tiny test models;
-Liger-Kernel's RMSNorm, RoPE and SwiGLU layers patched into a loaded Llama-family model."""
+models built empty (parameters on the meta device) for sharded loading; Liger-Kernel's RMSNorm, RoPE
+and SwiGLU layers patched into a loaded Llama-family model."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+import torch.distributed as dist
+from accelerate import init_empty_weights
+from tqdm.auto import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedModel)
 
 from gem_fast.errors import UsageError, check_model_source
 
@@ -65,19 +70,42 @@ def embedded_model_dir() -> Path | None:
         logger.warning("cannot write under %s (%s): the embedded GGUF is converted on every load", root, exc)
         return None
     logger.info("converting the embedded %s to a Hugging Face folder %s (once)", gguf.name, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    try:
-        prepare_for_save(model).save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(folder)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if (folder / "config.json").is_file():  # another process (a torchrun rank) renamed its copy first
-            return folder
-        logger.warning("cannot write %s (%s): the embedded GGUF is converted on every load", folder, exc)
-        return None
+    # On a terminal, and under torchrun on rank 0 only: the stages below take about 40 s in all.
+    with tqdm(total=3, desc=f"converting {gguf.name}", unit="stage",
+              disable=None if os.environ.get("RANK", "0") == "0" else True) as stages:
+        stages.set_postfix_str("dequantising weights")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        stages.update()
+        stages.set_postfix_str("converting the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        stages.update()
+        stages.set_postfix_str("saving")
+        try:
+            prepare_for_save(model).save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            partial.rename(folder)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if (folder / "config.json").is_file():  # another process (a torchrun rank) renamed its copy first
+                return folder
+            logger.warning("cannot write %s (%s): the embedded GGUF is converted on every load", folder, exc)
+            return None
+        stages.update()
     return folder
+
+
+def convert_embedded_once() -> None:
+    """Under a process group, local rank 0 of each node converts the embedded GGUF (when its folder is not
+    cached yet) while every other rank waits at a barrier; without one, nothing. Collective.
+
+    Without it every torchrun rank would dequantise the GGUF at once on first use (40 s and the
+    whole fp32 model per rank); after it the ranks find the cached folder.
+    """
+    if not dist.is_initialized():
+        return
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        embedded_model_dir()
+    dist.barrier()
 
 
 def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
@@ -164,6 +192,88 @@ def load_model(
         model.config._attn_implementation,
     )
     return model
+
+
+def safetensors_folder(name_or_path: str | Path | None) -> Path | None:
+    """The local HF folder holding ``name_or_path``'s safetensors weights (None: the embedded model's
+    converted folder), or None when the weights are elsewhere (a .gguf file, a Hub id, .bin files)."""
+    source, extra = _resolve_source(name_or_path)
+    folder = Path(source)
+    if extra or not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        return None
+    return folder
+
+
+def choose_init(setting: Literal["auto", "meta", "full"], name_or_path: str | Path | None, *,
+                sharded: bool) -> Path | None:
+    """The folder whose safetensors fill a model built on the meta device (``--init meta``), or None to load
+    the whole model on every rank (``--init full``).
+
+    "auto": meta when the run is sharded and the source is a local safetensors folder (the
+    embedded model included), else full; "meta" without such a folder raises ValueError naming
+    the source. The choice and its reason are logged.
+    """
+    if setting not in ("auto", "meta", "full"):
+        raise ValueError(f"init: expected 'auto', 'meta' or 'full', got {setting!r}")
+    folder = None if setting == "full" else safetensors_folder(name_or_path)
+    source = name_or_path or f"embedded {DEFAULT_GGUF_FILE}"
+    if setting == "meta" and folder is None:
+        raise ValueError(f"init='meta': {source} is not a local Hugging Face folder with config.json and "
+                         "*.safetensors; use --init full, or download the model and pass its folder")
+    if setting == "auto" and folder is not None and not sharded:
+        folder = None
+        reason = "one unsharded process"
+    elif setting == "auto" and folder is None:
+        reason = f"{source} is not a local safetensors folder"
+    else:
+        reason = f"init={setting!r}"
+    logger.info("model init %s (%s)%s", "meta: each rank reads its own shards" if folder else "full: every rank "
+                "loads the whole model", reason, f", weights from {folder}" if folder else "")
+    return folder
+
+
+def empty_model(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Causal LM of the HF folder ``folder``'s config, in eval mode, its parameters on the meta device (no
+    memory) in ``dtype``, its buffers (rotary ``inv_freq``) computed on the CPU, input/output embeddings tied
+    as the config says. For :func:`gem_fast.distributed.parallelize` then
+    :func:`gem_fast.checkpoint.load_hf_weights`, which fill it shard by shard.
+
+    ``device`` only picks the attention implementation (see :func:`load_model`).
+    """
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    attn = attn_implementation or choose_attn_implementation(device)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()  # accelerate's meta parameters replace the tied Parameter objects one by one
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    logger.info("built %s of %s on the meta device, dtype=%s, attn_implementation=%s", type(model).__name__,
+                folder, dtype, model.config._attn_implementation)
+    return model.eval()
+
+
+def load_for_training(
+    name_or_path: str | Path | None, *, init: Literal["auto", "meta", "full"], sharded: bool,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, Any, Path | None]:
+    """``(model, tokenizer, weights)`` of a training run on the CPU: the whole model (``weights`` None), or,
+    by :func:`choose_init`, an :func:`empty_model` whose shards are to be filled from the safetensors of
+    the folder ``weights`` once sharded. Collective under a process group (:func:`convert_embedded_once`).
+    """
+    if name_or_path is None:
+        convert_embedded_once()
+    weights = choose_init(init, name_or_path, sharded=sharded)
+    model = (empty_model(weights, trust_remote_code=trust_remote_code) if weights else
+             load_model(name_or_path, trust_remote_code=trust_remote_code))
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code), weights
 
 
 def load_model_and_tokenizer(

@@ -82,8 +82,9 @@ class PolicyLoss(nn.Module):
         )
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:
-        """:func:`gem_fast.sampling.sample_group` on the wrapped model; registered as an FSDP forward method."""
-        return sample_group(self.model, input_ids, attention_mask, **kwargs)
+        """:func:`gem_fast.sampling.sample_group` on the wrapped model with this policy's kernel backend;
+        registered as an FSDP forward method."""
+        return sample_group(self.model, input_ids, attention_mask, backend=self.backend, **kwargs)
 
     def pair_logprobs(self, tokenizer: Any, pairs: list[PreferencePair], **kwargs: Any) -> PairLogprobs:
         """:func:`gem_fast.logprobs.pair_logprobs` of the wrapped model (no grad); an FSDP forward method."""

@@ -82,6 +82,7 @@ def sample_group(
     pad_token_id: int | None = None,
     strategy: str = "auto",
     progress: bool | None = None,
+    backend: str = "auto",
 ) -> GroupSample:
     """Sample k continuations for each of B left-padded prompts, prefilling each prompt once.
 
@@ -91,6 +92,7 @@ def sample_group(
     ``generator`` (on the model's device) for reproducibility. A row stops at any of
     ``eos_token_id`` (None: every row runs ``max_new_tokens``). ``pad_token_id`` fills positions after
     EOS (default: the first EOS id, else 0). ``progress``: tqdm bar over steps (None: only on a TTY).
+    ``backend``: the :mod:`gem_fast.kernels` backend of the per-step entropy (as the training loss's).
     Runs under ``torch.no_grad()``; an FSDP2-wrapped model is all-gathered once for the whole call.
     """
     eos_ids = _check_args(model, input_ids, attention_mask, k, max_new_tokens, temperature, top_p, eos_token_id)
@@ -135,7 +137,8 @@ def sample_group(
         bar = tqdm(total=max_new_tokens, desc="sample_group", unit="step", disable=_progress_disabled(progress))
         try:
             for step in range(max_new_tokens):
-                tokens, entropy = _next_tokens(logits, temperature, top_p, generator, repeats=k if step == 0 else 1)
+                tokens, entropy = _next_tokens(logits, temperature, top_p, generator, repeats=k if step == 0 else 1,
+                                               backend=backend)
                 alive = ~finished[rows]
                 tokens = torch.where(alive, tokens, pad_token_id)
                 sequences[rows, step] = tokens
@@ -173,14 +176,15 @@ def sample_group(
 
 
 def _next_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None, repeats: int = 1
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None, repeats: int = 1,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [M, V] -> (tokens [M*repeats] int64, entropy [M*repeats] float32 of softmax(logits / T) before top-p).
 
     Row i of ``logits`` is the distribution of rows i*repeats .. (i+1)*repeats-1: entropy and the top-p
     nucleus are computed once per distinct row, the draws are independent per output row.
     """
-    entropy = entropy_from_logits(logits, temperature=temperature if temperature > 0 else 1.0)
+    entropy = entropy_from_logits(logits, temperature=temperature if temperature > 0 else 1.0, backend=backend)
     entropy = entropy.repeat_interleave(repeats)
     if temperature == 0:
         return logits.argmax(-1).repeat_interleave(repeats), entropy

@@ -34,16 +34,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gem_fast.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from gem_fast.checkpoint import (export_dtype, export_hf, latest_checkpoint, load_checkpoint, load_hf_weights,
+                                 save_checkpoint)
 from gem_fast.config import OptimConfig, TrainConfig, parse_config
-from gem_fast.data import PreferencePair, load_preference_jsonl
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
 from gem_fast.errors import UsageError, check_model_source, entry_point, input_file, output_dir, user_input
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError
 from gem_fast.kernels import resolve_backend
-from gem_fast.models import apply_liger_layers, load_model_and_tokenizer, use_liger_layers
-from gem_fast.objectives import make_objective
+from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
+from gem_fast.objectives import make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
+from gem_fast.reporting import Reporter
 from gem_fast.run_dir import claim_out_dir, file_sha256, open_metrics, run_lock, settings_changes
 
 __all__ = ["TrainResult", "DivergenceError", "NonFiniteLossError", "lr_factor", "build_policy", "train", "main"]
@@ -72,10 +73,12 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: int, pair_loss: PairLoss | None = None
-                 ) -> tuple[PolicyLoss, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Liger layers into ``model`` (per ``liger_layers``), then wrap, compile and shard it; AdamW on its
-    fp32 (master) parameters; warmup + decay schedule over ``total_steps``."""
+def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: int, pair_loss: PairLoss | None = None,
+                 weights: Path | None = None) -> tuple[PolicyLoss, torch.optim.Optimizer,
+                                                       torch.optim.lr_scheduler.LambdaLR]:
+    """Liger layers into ``model`` (per ``liger_layers``), then wrap, compile and shard it; a meta-device
+    ``model`` is then filled from the safetensors of the HF folder ``weights``, each rank its shards;
+    AdamW on its fp32 (master) parameters; warmup + decay schedule over ``total_steps``."""
     parallel, optim = cfg.parallel, cfg.optim
     backend = resolve_backend(parallel.kernel_backend, env.device)
     liger = use_liger_layers(parallel.liger_layers, env.device, model.config.model_type)
@@ -91,6 +94,8 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
     policy = PolicyLoss(model, backend=backend, pair_loss=pair_loss)
     parallelize(policy, activation_checkpointing=parallel.activation_checkpointing, sharded=env.sharded,
                 device=env.device, compile_layers=parallel.compile_layers)
+    if weights is not None:
+        load_hf_weights(model, weights)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
@@ -114,13 +119,14 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
             signal.signal(s, handler)
 
 
-def _checked_inputs(cfg: TrainConfig) -> tuple[list[PreferencePair], dict[str, Any]]:
-    """The run's pairs and its training settings (with the data file's SHA-256), after checking every
-    path the run reads or writes; :class:`UsageError` naming the flag and path before any model loads."""
+def _checked_inputs(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
+    """The objective's training rows and the run's training settings (with the data file's SHA-256), after
+    checking every path the run reads or writes; :class:`UsageError` naming the flag and path before any model loads."""
     run = cfg.run
     output_dir(run.out_dir, "--out_dir")
+    input_file(run.train_jsonl, "--train_jsonl")
     with user_input():  # the loader's messages name file and line
-        pairs = load_preference_jsonl(input_file(run.train_jsonl, "--train_jsonl"))
+        pairs = read_rows(cfg)
     check_model_source(run.model_name_or_path)
     return pairs, {**cfg.training_settings(), "train_data_sha256": file_sha256(run.train_jsonl)}
 
@@ -214,9 +220,12 @@ def train(
             _check_resume(last_ckpt, settings, global_batch, run.allow_config_change)
         elif run.resume:
             logger.info("resume: no checkpoint under %s, starting at step 0", ckpt_root)
-        model, tokenizer = load_model_and_tokenizer(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+        # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
+        reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
+        model, tokenizer, weights = load_for_training(run.model_name_or_path, init=cfg.parallel.init,
+                                                      sharded=env.sharded, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
-        policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss)
+        policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss, weights)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and not env.sharded
                     else contextlib.nullcontext())
         with autocast:
@@ -254,6 +263,7 @@ def train(
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                reporter.log(record)
                 bar.update(1)
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in record.items()))
@@ -273,8 +283,9 @@ def train(
         bar.close()
         if metrics is not None:
             metrics.close()
+        reporter.close()
         if stopped is None and run.export_hf:
-            export_hf(model, tokenizer, out_dir)
+            export_hf(model, tokenizer, out_dir / "final", dtype=export_dtype(run.export_dtype, env.device))
         return TrainResult(start + len(losses), losses, last_ckpt, stopped)
 
 

@@ -77,17 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     stages = {
         "SFT": ["scripts/train_sft.py", "--train_jsonl", str(train_file), "--out_dir", str(out / "sft"),
                 "--lr", "2e-5", *batch, *common],
-        "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(out / "sft"),
+        "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(out / "sft/final"),
                     "--train_jsonl", str(train_file), "--out_dir", str(out / "dpo"), "--lr", "5e-6",
                     "--beta", "0.1", *batch, *common],
         # SEGA's knobs (Eq. 1, rewards, sampler) from its demo YAML; its schedule is replaced by the demo's.
         "SFT+GEM": ["scripts/train_sega.py", "--config", "configs/sega_demo.yaml",
-                    "--model_name_or_path", str(out / "sft"), "--train_jsonl", str(train_file),
+                    "--model_name_or_path", str(out / "sft/final"), "--train_jsonl", str(train_file),
                     "--out_dir", str(out / "gem"), "--lr", "5e-6", "--max_steps", "0", "--warmup_steps", "0",
                     "--save_every", "0", "--ranking", args.ranking, "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
                     *batch, *common],
     }
-    models = {"base (SmolLM2-135M-Instruct)": None, "SFT": out / "sft", "SFT+DPO": out / "dpo", "SFT+GEM": out / "gem"}
+    # Each trained stage exports its model to <its out_dir>/final (gem_fast.checkpoint.export_hf).
+    models = {"base (SmolLM2-135M-Instruct)": None, **{name: out / slug / "final" for name, slug in
+                                                       (("SFT", "sft"), ("SFT+DPO", "dpo"), ("SFT+GEM", "gem"))}}
     rows, t0 = [], time.perf_counter()
     for name, model_dir in models.items():
         slug = name.split()[0].lower().replace("+", "_")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SEGA training (GEM stage B): k sampled chains per prompt, entropy-guided scores, group advantages.
 
-    python scripts/train_sega.py --model_name_or_path outputs/sft-demo \
+    python scripts/train_sega.py --model_name_or_path outputs/sft-demo/final \
         --train_jsonl data/synthetic/pairs.jsonl --out_dir outputs/sega-demo \
         --k 4 --lambda_fork 0.4 --top_m 0.1 --reward_mapping softmax --beta 1.0 \
         --gen_max_new_tokens 256 --temperature 1.0 --top_p 0.95 --epochs 1 --lr 5e-6 --batch_size 1

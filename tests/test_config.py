@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_help_comes_from_the_field_docs(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"], objective="sega", description="t")
     out = capsys.readouterr().out
-    assert "--reward_temperature" in out and "softmax temperature of the reward mapping" in out
+    assert "--reward_temperature" in out and "softmax temperature T of the reward mapping" in out
 
 
 def test_flat_round_trip_and_objective_inference():
@@ -69,3 +70,41 @@ def test_flat_round_trip_and_objective_inference():
     assert TrainConfig.from_flat(cfg.to_flat()) == cfg
     assert cfg.replace(resume=True).run == dataclasses.replace(cfg.run, resume=True)
     assert TrainConfig.from_flat({"lr": 3e-4}).run.objective == "sft"
+
+
+def test_transformers_names_are_aliases_and_may_not_meet_their_field(tmp_path, capsys):
+    hf = ["--learning_rate", "3e-4", "--output_dir", "o", "--per_device_train_batch_size", "2",
+          "--gradient_accumulation_steps", "3", "--num_train_epochs", "4"]
+    cfg = parse_config(hf, objective="sft", description="t")
+    run = cfg.run
+    assert (cfg.optim.lr, run.out_dir, run.batch_size, run.grad_accum, run.epochs) == (3e-4, "o", 2, 3, 4)
+    config = tmp_path / "hf.yaml"
+    config.write_text("learning_rate: 1e-3\nnum_train_epochs: 2\n")
+    from_yaml = parse_config(["--config", str(config), "--lr", "2e-3"], objective="sega", description="t")
+    assert (from_yaml.optim.lr, from_yaml.run.epochs) == (2e-3, 2)  # a flag wins over the YAML alias
+    with pytest.raises(SystemExit):
+        parse_config(["--lr", "1e-3", "--learning_rate", "2e-3"], objective="sft", description="t")
+    assert "--lr and --learning_rate set the same field" in capsys.readouterr().err
+    config.write_text("output_dir: a\nout_dir: b\n")
+    with pytest.raises(UsageError, match=f"{config}: keys output_dir and out_dir set the same field"):
+        parse_config(["--config", str(config)], objective="sft", description="t")
+    with pytest.raises(ValueError, match="learning_rate and lr"):
+        TrainConfig.from_flat({"learning_rate": 1e-3, "lr": 1e-4})
+
+
+def test_every_flag_has_help_under_its_section(capsys):
+    for objective in ("sft", "sega"):
+        with pytest.raises(SystemExit):
+            parse_config(["--help"], objective=objective, description="t")
+        out = capsys.readouterr().out
+        assert "--learning_rate LR" in out and "--per_device_train_batch_size" in out
+        assert ("\nsampling:" in out) == (objective == "sega") and "\noptim:" in out
+    for section in typing.get_type_hints(TrainConfig).values():
+        for f in dataclasses.fields(section):
+            assert len(f.metadata["help"].split()) >= 4, f.name
+
+
+def test_sega_round_trip_keeps_its_reward_temperature():
+    """to_flat holds the pair section's beta beside reward_temperature; beta must not overwrite it."""
+    cfg = TrainConfig.from_flat({"objective": "sega", "reward_temperature": 0.5})
+    assert cfg.replace(k=3).sega.reward_temperature == 0.5

@@ -115,3 +115,12 @@ def test_script_prints_a_table_and_writes_json(uniform_model, tok, tmp_path, cap
     assert report["overall"]["accuracy"] == 0.5 and report["overall"]["n"] == 4
     assert report["per_subset"]["short"]["accuracy"] == 1.0
     assert report["beta"] == 1.0 and report["eval_jsonl"] == str(data)
+
+
+def test_progress_bars_name_what_is_scored(uniform_model, tok, capsys):
+    evaluate_preference_accuracy(uniform_model, tok, PAIRS, ref_model=uniform_model, batch_size=3, backend="torch",
+                                 progress=True)
+    err = capsys.readouterr().err
+    assert "eval: model log-probs" in err and "eval: reference log-probs" in err and "4/4" in err
+    evaluate_preference_accuracy(uniform_model, tok, PAIRS, backend="torch", progress=False)
+    assert "log-probs" not in capsys.readouterr().err

@@ -19,7 +19,8 @@ from gem_fast.config import TrainConfig, read_yaml
 from gem_fast.kernels import chunked
 from gem_fast.kernels.plan import PER_TOKEN_BYTES
 from gem_fast.memory_plan import (
-    GIB, Sampling, Setup, fused_loss_bytes, naive_loss_bytes, plan_memory, precision, setup_from_train_config,
+    GIB, Sampling, Setup, fused_loss_bytes, host_load_bytes, naive_loss_bytes, plan_memory, precision,
+    setup_from_train_config,
 )
 from gem_fast.shapes import PRESETS, model_shape
 
@@ -200,6 +201,19 @@ def test_cli_prints_the_table_and_the_verdict(capsys):
     assert "| GiB per rank | naive | fused |" in out and "| **peak** |" in out
     assert "naive: peak" in out and "does NOT fit in 80 GiB" in out
     assert "fused: peak" in out
+    assert "host memory per rank while loading (bf16 safetensors): --init meta 0.1 GiB, --init full 44.9 GiB" in out
+
+
+def test_host_memory_while_loading_meta_shards_full_does_not():
+    # Llama-3-8B from bf16 safetensors: full init holds 8.0 B fp32 params (32 GB) + the file's pages (16 GB)
+    # on every rank; meta init on 8 GPUs one bf16 slice of the [128256, 4096] embedding at a time.
+    full = host_load_bytes(LLAMA3_8B, world_size=8, init="full", device="cuda")
+    meta = host_load_bytes(LLAMA3_8B, world_size=8, init="meta", device="cuda")
+    assert full == LLAMA3_8B.params() * 6
+    assert meta == 128256 * 4096 // 8 * 2
+    # On the CPU a meta rank also holds its fp32 shards.
+    cpu_meta = host_load_bytes(LLAMA3_8B, world_size=2, init="meta", device="cpu")
+    assert cpu_meta == -(-LLAMA3_8B.params() // 2) * 4 + 128256 * 4096 // 2 * 2
 
 
 def test_cli_reads_the_training_yaml_and_flags_win(capsys):

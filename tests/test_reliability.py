@@ -79,7 +79,7 @@ def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
                                             + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     (tmp_path / "a_file").write_text("")
     # Every case also fails to load a model, so an error raised after loading would show as a different message.
-    monkeypatch.setattr(train_module, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", case == "offline_hub_id")
     base = ["--model_name_or_path", str(model_dir), "--train_jsonl", str(data), "--out_dir", str(tmp_path / "out")]
     argv = {

@@ -312,3 +312,20 @@ def test_fsdp2_parameters_gathered_once(tokenizer, batch):
             torch.testing.assert_close(out.sequences, reference.sequences, rtol=0, atol=0)
         finally:
             dist.destroy_process_group()
+
+
+def test_policy_samples_with_its_kernel_backend(model, batch, monkeypatch):
+    """--kernel_backend reaches the sampler's per-step entropy through PolicyLoss.sample."""
+    import gem_fast.sampling as sampling
+    from gem_fast.policy import PolicyLoss
+
+    backends = []
+
+    def entropy_from_logits(logits, **kwargs):
+        backends.append(kwargs["backend"])
+        return real(logits, **kwargs)
+
+    real = sampling.entropy_from_logits
+    monkeypatch.setattr(sampling, "entropy_from_logits", entropy_from_logits)
+    PolicyLoss(model, backend="naive").sample(*batch, k=2, max_new_tokens=2, progress=False)
+    assert backends and set(backends) == {"naive"}

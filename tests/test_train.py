@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_lm import char_tokenizer, run_config, tiny_model, write_run_inputs
+from tiny_lm import char_tokenizer, join_gloo, run_config, tiny_model, write_run_inputs
 
 from gem_fast.data import load_preference_jsonl
 from gem_fast.logprobs import pair_logprobs, response_targets
@@ -43,10 +42,7 @@ def _named_grads(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, model_dir: Path, data: Path, root: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    join_gloo(rank, world, port)
     try:
         # One micro-step of step 0, by hand, to read the gradients before the optimizer uses them.
         cfg = run_config(model_dir, data, root / "sharded", batch_size=2)
@@ -172,13 +168,13 @@ def test_fsdp_two_ranks_train_like_one_process(two_process_run, tmp_path):
     gap = (torch.tensor(rank0["losses"]) - torch.tensor(single.losses)).abs().max().item()
     print("2-rank vs 1-process loss max |diff|:", gap)
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(single.losses), **LOSS_TOL)
-    sharded_w = load_file(root / "sharded" / "model.safetensors")
-    single_w = load_file(tmp_path / "single" / "model.safetensors")
+    sharded_w = load_file(root / "sharded" / "final" / "model.safetensors")
+    single_w = load_file(tmp_path / "single" / "final" / "model.safetensors")
     assert sharded_w.keys() == single_w.keys()
     for name in single_w:
         torch.testing.assert_close(sharded_w[name], single_w[name], **WEIGHT_TOL, msg=lambda m: f"{name}: {m}")
     # the export reloads as a plain HF model
-    reloaded, _ = load_model_and_tokenizer(str(root / "sharded"))
+    reloaded, _ = load_model_and_tokenizer(str(root / "sharded" / "final"))
     assert isinstance(reloaded, type(tiny_model(char_tokenizer())))
 
 
@@ -242,3 +238,24 @@ def test_preference_objectives_start_at_the_reference(tmp_path, objective, beta,
     assert result.losses[-1] < result.losses[0]
     parsed = parse_config(["--objective", objective, "--beta", str(beta)], objective="sft", description="t")
     assert (parsed.run.objective, parsed.pair.beta) == (objective, beta)
+
+
+def test_sft_trains_alike_on_pair_completion_and_chat_rows(tmp_path):
+    """A chat row's earlier messages are its prompt through the chat template: the same tokens, so the same loss,
+    as the pair (its chosen) or the {prompt, completion} row with --chat_template."""
+    model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<a>"
+    tokenizer.save_pretrained(model_dir)
+    pairs = [json.loads(line) for line in data.read_text().splitlines()]
+    rows = {"completion": [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs],
+            "chat": [{"messages": [{"role": "user", "content": p["prompt"]},
+                                   {"role": "assistant", "content": p["chosen"]}]} for p in pairs]}
+    losses = {}
+    for name, path in [("pairs", data), *((n, tmp_path / f"{n}.jsonl") for n in rows)]:
+        if name in rows:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+        cfg = run_config(model_dir, path, tmp_path / name, batch_size=2, max_steps=2, export_hf=False,
+                         chat_template=name != "chat")
+        losses[name] = train(cfg).losses
+    assert losses["pairs"] == losses["completion"] == losses["chat"]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -41,6 +45,15 @@ def write_run_inputs(root: Path, n_pairs: int = 16) -> tuple[Path, Path]:
         for i in range(n_pairs)
     ))
     return model_dir, data
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of ``world`` in a gloo group on 127.0.0.1:``port``, with
+    torchrun's environment variables and one thread (the ranks share the machine's cores)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
 
 
 def run_config(model_dir: Path, data: Path, out_dir: Path, **overrides) -> TrainConfig:

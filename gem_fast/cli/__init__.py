@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-SFT_DESCRIPTION = "Supervised fine-tuning on the chosen responses of preference pairs (GEM stage A)."
+SFT_DESCRIPTION = ("Supervised fine-tuning (GEM stage A) on {prompt, completion} rows, chat {messages} rows or the "
+                   "chosen responses of preference pairs; --objective dpo|ipo trains on the pairs.")
 SEGA_DESCRIPTION = ("SEGA training (GEM stage B): k sampled chains per prompt, entropy-guided scores, "
                     "group advantages.")
 

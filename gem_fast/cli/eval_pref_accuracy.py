@@ -1,6 +1,6 @@
 """Preference accuracy of a causal LM on a JSONL file of pairs, with the implicit reward β·log π(a|q).
 
-    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo \
+    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo/final \
         --eval_jsonl data/pairs.jsonl --beta 1.0
 
 Prints a table (per subset when rows carry "subset", then all pairs) and writes the report,
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gem_fast.config import parse_bool
 from gem_fast.data import load_preference_jsonl
 from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
                              user_input, writable_file)
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
                    help="kernel backend (as the training scripts' --kernel_backend)")
+    p.add_argument("--progress", type=parse_bool, default=None, metavar="BOOL",
+                   help="progress bars while scoring (default: on a terminal only)")
     p.add_argument("--output_json", default=None,
                    help="where the JSON report goes (default: beside the model, see the module doc)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report at --output_json")
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         n_resamples=args.n_bootstrap,
         seed=args.seed,
         backend=args.backend,
+        progress=args.progress,
     )
     print(format_table(report))
     out.parent.mkdir(parents=True, exist_ok=True)

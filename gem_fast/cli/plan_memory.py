@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gem_fast.config import TrainConfig, parse_bool, read_yaml
 from gem_fast.errors import UsageError, add_debug_flag, entry_point, number
-from gem_fast.memory_plan import markdown_table, plan_memory, setup_from_train_config
+from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
 from gem_fast.shapes import PRESETS, model_shape
 
 NOT_MODELLED = (
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "fits" if plan.total_bytes <= args.gpu_memory_gib * 2**30 else "does NOT fit"
         print(f"{loss}: peak {plan.total_bytes / 2**30:.1f} GiB per rank ({plan.peak_phase.name}), "
               f"{verdict} in {args.gpu_memory_gib:g} GiB")
+    host = {init: host_load_bytes(shape, world_size=args.world_size, init=init, device=args.device) / 2**30
+            for init in ("meta", "full")}
+    print(f"host memory per rank while loading (bf16 safetensors): --init meta {host['meta']:.1f} GiB, "
+          f"--init full {host['full']:.1f} GiB")
     print(f"\n{NOT_MODELLED}")
     return 0
 

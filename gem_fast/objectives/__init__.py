@@ -9,18 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from gem_fast.config import TrainConfig
-from gem_fast.data import PreferencePair
 from gem_fast.distributed import DistEnv
 from gem_fast.objectives.base import Objective, step_rows
 from gem_fast.objectives.pairs import PairObjective
 from gem_fast.objectives.sega import SEGA
 from gem_fast.objectives.sft import SFT
 
-__all__ = ["Objective", "SFT", "SEGA", "PairObjective", "make_objective", "step_rows"]
+__all__ = ["Objective", "SFT", "SEGA", "PairObjective", "make_objective", "read_rows", "step_rows"]
 
 _BY_NAME: dict[str, type[Objective]] = {"sft": SFT, "sega": SEGA, "dpo": PairObjective, "ipo": PairObjective}
 
 
-def make_objective(cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> Objective:
-    """The objective ``cfg.run.objective`` names, over ``pairs``."""
+def read_rows(cfg: TrainConfig) -> list[Any]:
+    """The training rows of ``cfg.run.train_jsonl`` as the objective reads them (SFT: completions too)."""
+    return _BY_NAME[cfg.run.objective].read_rows(cfg.run.train_jsonl)
+
+
+def make_objective(cfg: TrainConfig, env: DistEnv, pairs: list[Any], tokenizer: Any) -> Objective:
+    """The objective ``cfg.run.objective`` names, over its ``pairs`` (:func:`read_rows`)."""
     return _BY_NAME[cfg.run.objective](cfg, env, pairs, tokenizer)

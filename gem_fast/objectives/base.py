@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from gem_fast.config import RunConfig, TrainConfig
-from gem_fast.data import PreferencePair
+from gem_fast.data import PreferencePair, load_preference_jsonl
 from gem_fast.distributed import DistEnv
 from gem_fast.policy import PairLoss, PolicyLoss, StepBatches
 
@@ -35,6 +35,11 @@ class Objective(abc.ABC):
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> None:
         self.cfg, self.env, self.pairs, self.tokenizer = cfg, env, pairs, tokenizer
+
+    @staticmethod
+    def read_rows(path: str) -> list[PreferencePair]:
+        """The training rows of ``path`` (here preference pairs); ``ValueError`` with file:line on a bad row."""
+        return load_preference_jsonl(path)
 
     def prepare(self, policy: PolicyLoss, out_dir: Path) -> None:
         """Runs once with the initial weights, before a checkpoint loads (DPO/IPO score their reference)."""

@@ -127,7 +127,8 @@ def reference_logprobs(policy: PolicyLoss, pairs: list[PreferencePair], tokenize
     mine = mine + [pairs[0]] * (per_rank - len(mine))
     policy.eval()
     local = policy.pair_logprobs(tokenizer, mine, batch_size=run.batch_size, max_length=run.max_length,
-                                 chat_template=run.chat_template)
+                                 chat_template=run.chat_template, desc="reference log-probs",
+                                 progress=None if run.progress and env.rank == 0 else False)
     policy.train()
     columns = [all_gather_strided(getattr(local, name).to(env.device), env)[: len(pairs)].cpu() for name in _COLUMNS]
     if env.rank == 0:

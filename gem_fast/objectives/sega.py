@@ -9,6 +9,11 @@ per-token weights ``A_i / B`` (Eq. 2, :func:`gem_fast.sega.sega_token_weights`).
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from gem_fast.data import encode_prompts, join_prompt_and_generation
@@ -19,7 +24,7 @@ from gem_fast.sampling import GroupSample
 from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction, top_m_mask
 from gem_fast.sega import sega_advantages, sega_token_weights
 
-__all__ = ["SEGA", "STATS"]
+__all__ = ["SEGA", "STATS", "SampleLog"]
 
 STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean")
 """The step statistics SEGA logs (means over the step's prompts, then over ranks)."""
@@ -27,6 +32,13 @@ STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_le
 
 class SEGA(Objective):
     """Self-evaluated group advantages on k sampled candidates per prompt (sampling and sega sections)."""
+
+    samples: SampleLog | None = None
+
+    def prepare(self, policy: PolicyLoss, out_dir: Path) -> None:
+        """Every ``log_samples_every`` steps rank 0 logs its candidates to ``out_dir/samples.jsonl``."""
+        if self.cfg.sega.log_samples_every > 0:
+            self.samples = SampleLog(out_dir / "samples.jsonl")
 
     def step_batches(self, policy: PolicyLoss, step: int) -> StepBatches:
         """``grad_accum`` micro-batches of ``batch_size × k`` candidate rows, weighted ``A_i / B``.
@@ -38,7 +50,8 @@ class SEGA(Objective):
         run, sampling, env = self.cfg.run, self.cfg.sampling, self.env
         generator = torch.Generator(env.device).manual_seed(run.seed * 1_000_003 + step * 1009 + env.rank)
         prompts_per_rank = run.batch_size * run.grad_accum
-        micro_batches, stats = [], []
+        micro_batches, stats, samples = [], [], []
+        log_samples = env.rank == 0 and self.samples is not None and (step + 1) % self.cfg.sega.log_samples_every == 0
         policy.eval()
         for micro in range(run.grad_accum):
             pairs = self.micro_pairs(step, micro)
@@ -56,7 +69,11 @@ class SEGA(Objective):
             weights = sega_token_weights(adv, prompts_per_rank, batch.input_ids.shape[1] - 1)
             micro_batches.append(MicroBatch(batch, weights))
             stats.append(_statistics(scores, adv, out))
+            if log_samples:
+                samples += _sample_records(self.tokenizer, [p.prompt for p in pairs], out, scores, adv)
         policy.train()
+        if samples:
+            self.samples.append(step + 1, samples)
         return micro_batches, dict(zip(STATS, torch.stack(stats).mean(0)))
 
     def rate(self, out: GroupSample, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +109,44 @@ def _statistics(scores: torch.Tensor, adv: torch.Tensor, out: GroupSample) -> to
         (out.token_entropy * valid).sum() / valid.sum().clamp(min=1),
         valid.sum(-1).mean(),
     ])
+
+
+def _sample_records(tokenizer: Any, prompts: list[str], out: GroupSample, scores: torch.Tensor, adv: torch.Tensor
+                    ) -> list[dict[str, Any]]:
+    """One record per prompt: its k candidates' text, Eq. 1 scores (None: no answer, -inf) and advantages."""
+    k = scores.shape[1]
+    texts = tokenizer.batch_decode([row[keep].tolist() for row, keep in zip(out.sequences.cpu(), out.mask.cpu())],
+                                   skip_special_tokens=True)
+    finite = torch.isfinite(scores)
+    score_lists = torch.where(finite, scores, 0.0).tolist()
+    return [{"prompt": prompt, "candidates": texts[b * k : (b + 1) * k],
+             "scores": [s if ok else None for s, ok in zip(score_lists[b], finite[b].tolist())],
+             "advantages": adv[b].tolist()} for b, prompt in enumerate(prompts)]
+
+
+class SampleLog:
+    """``samples.jsonl``: per logged step, one line per prompt of rank 0 with ``step`` (1-based, as in
+    ``metrics.jsonl``), ``prompt``, ``candidates`` (text), ``scores`` and ``advantages`` (k each)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._first = True
+
+    def append(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` of optimizer step ``step``. The first append of a run drops lines of this step
+        and later ones (a resumed run samples them again; a fresh run starts at step 1)."""
+        if self._first and self.path.exists():
+            self.path.write_text("".join(line + "\n" for line in self.path.read_text().splitlines()
+                                         if _step_of(line) < step))
+        self._first = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
+
+
+def _step_of(line: str) -> float:
+    """The step of a samples.jsonl line; a torn line (a killed write) counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
