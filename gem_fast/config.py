@@ -21,20 +21,38 @@ from typing import Any, Literal
 
 import yaml
 
+from gem_fast.errors import UsageError, add_debug_flag, input_file
 from gem_fast.kernels import BACKENDS
 from gem_fast.ranking import RATING_METHODS
 from gem_fast.reporting import REPORT_TO, missing_package
 
-__all__ = ["RunConfig", "OptimConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
+__all__ = ["RunConfig", "OptimConfig", "GuardConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
            "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "read_yaml", "parse_config"]
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field: its default, its help text and optional bounds ``at_least``, ``above``, ``at_most``
+    (checked when a section is made, so a bad value stops before anything loads)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
+_BOUNDS = {"at_least": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b),
+           "at_most": ("<=", lambda v, b: v <= b)}
+
+
+class _Bounded:
+    """Mixin of the sections: :class:`UsageError` naming the flag for a value outside its field's bounds."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            for key, (sign, ok) in _BOUNDS.items():
+                if key in f.metadata and isinstance(value, (int, float)) and not ok(value, f.metadata[key]):
+                    raise UsageError(f"--{f.name} {value}: must be {sign} {f.metadata[key]} ({f.metadata['help']})")
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Bounded):
     """Data, model, objective, batch shape and the run's bookkeeping."""
 
     train_jsonl: str = _opt("", "training data, JSON Lines: preference pairs {prompt, chosen, rejected}; SFT also "
@@ -45,15 +63,23 @@ class RunConfig:
                                                 "SmolLM2-135M-Instruct)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
                                                                   "dpo or ipo on the pairs")
-    epochs: int = _opt(1, "passes over the data")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no cap, epochs decide)")
-    batch_size: int = _opt(1, "rows (SFT), pairs (DPO/IPO) or prompts (SEGA) per rank per micro-step")
-    grad_accum: int = _opt(1, "micro-steps per optimizer step; global batch = batch_size x grad_accum x ranks")
-    max_length: int = _opt(512, "tokens per prompt+response row, prompt cut from the left (SEGA: per prompt)")
+    epochs: int = _opt(1, "passes over the data", at_least=1)
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no cap, epochs decide)", at_least=0)
+    batch_size: int = _opt(1, "rows (SFT), pairs (DPO/IPO) or prompts (SEGA) per rank per micro-step", at_least=1)
+    grad_accum: int = _opt(1, "micro-steps per optimizer step; global batch = batch_size x grad_accum x ranks",
+                           at_least=1)
+    max_length: int = _opt(512, "tokens per prompt+response row, prompt cut from the left (SEGA: per prompt)",
+                           at_least=2)
     seed: int = _opt(0, "seed of the data order and of SEGA's sampling")
-    save_every: int = _opt(0, "optimizer steps between checkpoints (0: only when SIGTERM/SIGINT stops the run)")
-    keep_checkpoints: int = _opt(2, "newest checkpoints kept on disk; older ones are deleted")
+    save_every: int = _opt(0, "optimizer steps between checkpoints (0: only when SIGTERM/SIGINT stops the run)",
+                           at_least=0)
+    keep_checkpoints: int = _opt(2, "newest checkpoints kept on disk; older ones are deleted", at_least=1)
     resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints")
+    overwrite: bool = _opt(False, "start afresh in an out_dir that holds a run (its checkpoints, metrics and final/ "
+                                  "are deleted first); without it such an out_dir is refused")
+    allow_config_change: bool = _opt(False, "with --resume: apply training settings (lr, schedule, batch, "
+                                            "objective, seed, data, model) that differ from the checkpoint's, "
+                                            "logged, instead of refusing")
     chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template (instruct models)")
     trust_remote_code: bool = _opt(False, "let transformers run Python code from the model repository (only for "
                                           "repositories you trust)")
@@ -67,21 +93,35 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Bounded):
     """AdamW, gradient clipping and the learning-rate schedule."""
 
-    lr: float = _opt(1e-5, "peak learning rate of AdamW, reached after warmup_steps")
-    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (per step, times the lr)")
-    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)")
-    warmup_steps: int = _opt(0, "optimizer steps of linear warmup from lr/warmup_steps to lr")
+    lr: float = _opt(1e-5, "peak learning rate of AdamW, reached after warmup_steps", above=0)
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay (per step, times the lr)", at_least=0)
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)",
+                                at_least=0)
+    warmup_steps: int = _opt(0, "optimizer steps of linear warmup from lr/warmup_steps to lr", at_least=0)
     lr_decay: Literal["cosine", "linear", "constant"] = _opt(
         "cosine", "learning-rate schedule after warmup: cosine or linear down to min_lr_ratio x lr at the last "
                   "step, or constant")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr (cosine, linear)")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of lr (cosine, linear)", at_least=0, at_most=1)
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
+class GuardConfig(_Bounded):
+    """The divergence guard: a step that fails a check is not applied and the run stops (non-finite
+    gradients always stop it)."""
+
+    max_update_ratio: float = _opt(
+        0.1, "stop before a step whose AdamW update norm exceeds this fraction of the weight norm (0: off)",
+        at_least=0)
+    max_grad_norm_spike: float = _opt(
+        100.0, "stop before a step whose gradient norm exceeds this multiple of the median of the last "
+               "100 steps' (needs 10 steps of history; 0: off)", at_least=0)
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_Bounded):
     """How the step runs: kernel backend, Liger layers, torch.compile, activation checkpointing, model init."""
 
     kernel_backend: str = _opt("auto", "implementation of the fused vocab kernels (log-probs, entropy, loss) in "
@@ -100,19 +140,21 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Bounded):
     """SEGA's candidates: k per prompt, their length and the sampler."""
 
-    k: int = _opt(4, "candidates sampled per prompt, the group of Eq. 2's advantages (2 or more)")
-    gen_max_new_tokens: int = _opt(256, "tokens generated per candidate at most (fewer when it ends with EOS)")
+    k: int = _opt(4, "candidates sampled per prompt, the group of Eq. 2's advantages (2 or more: one candidate "
+                     "trains nothing)", at_least=2)
+    gen_max_new_tokens: int = _opt(256, "tokens generated per candidate at most (fewer when it ends with EOS)",
+                                   at_least=1)
     temperature: float = _opt(1.0, "sampling temperature T (0: greedy); Eq. 1's entropies are of softmax(logits / T) "
-                                   "(greedy: of softmax(logits))")
+                                   "(greedy: of softmax(logits))", at_least=0)
     top_p: float = _opt(0.95, "nucleus sampling: draw from the most probable tokens holding this probability "
-                              "mass (1: all)")
+                              "mass (1: all)", above=0, at_most=1)
 
 
 @dataclass(frozen=True)
-class SegaConfig:
+class SegaConfig(_Bounded):
     """GEM Eq. 1 (scores) and Eq. 2 (group advantages)."""
 
     lambda_fork: float = _opt(0.4, "Eq. 1, S = -mean(H_answer) + lambda_fork x mean(H_forks): weight of the "
@@ -123,7 +165,7 @@ class SegaConfig:
         "softmax", "scores to rewards: identity, softmax over the group at reward_temperature, or zscore "
                    "(S - mean) / std over the group (the official GEM code's)")
     reward_temperature: float = _opt(1.0, "softmax temperature T of the reward mapping, r = softmax(S / T) "
-                                          "(train_sega.py's --beta)")
+                                          "(train_sega.py's --beta)", above=0)
     final_span: Literal["last_fraction", "marker"] = _opt(
         "last_fraction", "which tokens Eq. 1 scores as the answer: the last final_fraction of the candidate, or "
                          "the tokens after an 'Answer:' / '####' marker (see marker_fallback)")
@@ -142,16 +184,20 @@ class SegaConfig:
 
 
 @dataclass(frozen=True)
-class PairConfig:
+class PairConfig(_Bounded):
     """DPO / IPO on human pairs."""
 
-    beta: float = _opt(1.0, "β of the implicit reward β·log(π/π_ref): larger keeps the policy nearer the reference")
+    beta: float = _opt(1.0, "β of the implicit reward β·log(π/π_ref): larger keeps the policy nearer the reference",
+                       above=0)
     length_normalize: bool = _opt(False, "compare per-token mean log-probs instead of sums (TRL does so for IPO)")
 
 
 # Sections only one family of objectives reads; the other's flags are not offered.
 _SEGA_SECTIONS = ("sampling", "sega")
 _PAIR_SECTIONS = ("pair",)
+# Run fields a resumed run must keep (unless --allow_config_change); the others are bookkeeping.
+_TRAINING_RUN_FIELDS = ("model_name_or_path", "objective", "epochs", "max_steps", "batch_size", "grad_accum",
+                        "max_length", "seed", "chat_template")
 # Flat names kept for what users type today: SEGA's `beta` is its reward temperature.
 _SEGA_ALIASES = {"beta": "reward_temperature"}
 # transformers' TrainingArguments / TRL names of the same settings, as flags and YAML keys.
@@ -165,6 +211,7 @@ class TrainConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sega: SegaConfig = field(default_factory=SegaConfig)
@@ -196,6 +243,14 @@ class TrainConfig:
     def replace(self, **flat: Any) -> TrainConfig:
         """A copy with the given flat fields changed."""
         return TrainConfig.from_flat({**self.to_flat(), **flat})
+
+    def training_settings(self) -> dict[str, Any]:
+        """The fields by flat name whose change alters what a resumed run computes: the run fields in
+        ``_TRAINING_RUN_FIELDS`` and every field of the optimizer and the objective's sections."""
+        own = {"sega": _SEGA_SECTIONS, "dpo": _PAIR_SECTIONS, "ipo": _PAIR_SECTIONS}.get(self.run.objective, ())
+        sections = ("optim", *own)
+        flat = {k: v for name in sections for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        return {**{k: getattr(self.run, k) for k in _TRAINING_RUN_FIELDS}, **flat}
 
 
 @dataclass(frozen=True)
@@ -267,9 +322,21 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict
     """A config file's fields by flat name: top-level keys, or a section's mapping (``optim: {lr: ...}``).
 
     A nested section must be one of ``sections`` (None: any) and hold only its own fields
-    (there, ``beta`` is never SEGA's alias); ``ValueError`` naming the file otherwise.
+    (there, ``beta`` is never SEGA's alias); :class:`UsageError` (a ``ValueError``) naming the file
+    (and the line of a YAML syntax error) otherwise, or when the file is missing or not UTF-8.
     """
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    path = input_file(path, "--config")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{where}: invalid YAML ({what})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: expected a mapping of config keys, got a YAML {type(loaded).__name__}")
     by_name = {s.name: s.type_ for s in _sections() if sections is None or s.name in sections}
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
@@ -277,9 +344,9 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict
             flat[key] = value
             continue
         if key not in by_name:
-            raise ValueError(f"{path}: {key!r} is not a config section here (sections: {sorted(by_name)})")
+            raise UsageError(f"{path}: {key!r} is not a config section here (sections: {sorted(by_name)})")
         if unknown := sorted(set(value) - {f.name for f in dataclasses.fields(by_name[key])}):
-            raise ValueError(f"{path}: unknown keys {unknown} in section {key!r}")
+            raise UsageError(f"{path}: unknown keys {unknown} in section {key!r}")
         flat.update(value)
     return flat
 
@@ -298,6 +365,7 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
     aliases = {**HF_ALIASES, **(_SEGA_ALIASES if sega else {})}
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config fields (flat, or nested by section); flags win")
+    add_debug_flag(parser)
     specs: dict[str, dict[str, Any]] = {}
     for section in _sections():
         if section.name in hidden:
@@ -314,14 +382,15 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
             group.add_argument(*spellings, action=_OneSpelling, **specs[f.name])
     cli = vars(parser.parse_args(argv))
     cli.pop("_spelling", None)
+    cli.pop("debug", None)  # read by gem_fast.errors.entry_point
     values: dict[str, Any] = {"objective": objective}
     if "config" in cli:
         path = cli.pop("config")
         try:
             loaded = field_names(read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden)),
                                  aliases, spell=f"{path}: keys {{}} and {{}}")
-        except ValueError as exc:
-            parser.error(str(exc))
+        except ValueError as exc:  # a key under two names; a bad file is a UsageError already
+            raise UsageError(str(exc)) from None
         if unknown := sorted(set(loaded) - set(specs)):
             parser.error(f"{path}: unknown keys {unknown} for {objective}")
         for name, value in loaded.items():

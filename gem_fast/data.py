@@ -17,7 +17,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 
 import torch
 
-from gem_fast.readers import jsonl_rows
+from gem_fast.readers import jsonl_rows, open_text
 
 __all__ = [
     "PreferencePair",
@@ -97,7 +97,7 @@ def load_completions(path: str | Path) -> list[Completion]:
     """
     path = Path(path)
     examples: list[Completion] = []
-    with path.open(encoding="utf-8") as handle:
+    with open_text(path) as handle:
         for where, row in jsonl_rows(handle, path):
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -128,14 +128,14 @@ def load_prompts(path: str | Path) -> list[str]:
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:
     """Read preference pairs from a JSONL file (at most ``limit`` of them, in file order).
 
-    Raises ``ValueError`` with ``path:line`` for invalid JSON, a line that is not an object,
+    Raises ``ValueError`` with ``path:line`` for a byte that is not UTF-8, invalid JSON, a line that is not an object,
     a missing or non-string field, or an empty (whitespace-only) prompt or response.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     path = Path(path)
     pairs: list[PreferencePair] = []
-    with path.open(encoding="utf-8") as handle:
+    with open_text(path) as handle:
         for where, row in jsonl_rows(handle, path):
             if limit is not None and len(pairs) >= limit:
                 break

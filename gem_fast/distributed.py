@@ -9,9 +9,12 @@ layer and the root are ``fully_shard``-ed (torchtitan's order: activation checkp
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +25,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DistEnv", "process_group", "all_reduce_sum", "broadcast_flag", "all_gather_strided",
+__all__ = ["DistEnv", "process_group", "exit_with_launcher", "all_reduce_sum", "broadcast_flag", "all_gather_strided",
            "clip_grad_norm", "parallelize", "fsdp_gathered", "free_port"]
 
 logger = logging.getLogger(__name__)
@@ -51,14 +54,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_launcher() -> bool:
+    """Ask Linux to send this process SIGTERM when its parent (the torchrun launcher) dies, so that a
+    killed launcher does not leave its workers training; the loop handles that SIGTERM as any other
+    (checkpoint, exit 143). Returns whether it is set: Linux only (elsewhere it is logged and skipped)."""
+    if not sys.platform.startswith("linux"):
+        logger.info("workers do not follow a dying launcher on %s (PR_SET_PDEATHSIG is Linux-only)", sys.platform)
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): workers outlive a killed launcher",
+                       ctypes.get_errno())
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def process_group() -> Iterator[DistEnv]:
     """This process's :class:`DistEnv`, from torchrun's environment when ``RANK`` is set; a process
-    group this call creates is destroyed on exit (one that already existed is left as it was)."""
+    group this call creates is destroyed on exit (one that already existed is left as it was).
+    A worker started by a launcher also exits with it (:func:`exit_with_launcher`)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ and not dist.is_initialized():
         yield DistEnv.single("cuda" if cuda else "cpu")
         return
+    if "RANK" in os.environ:
+        exit_with_launcher()
     created = not dist.is_initialized()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -4,6 +4,7 @@ and SwiGLU layers patched into a loaded Llama-family model."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -12,7 +13,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel)
+
+from gem_fast.errors import UsageError, check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +113,33 @@ def _resolve_source(name_or_path: str | Path | None) -> tuple[str, dict]:
 
     None is the embedded model (its converted folder, see :func:`embedded_model_dir`); a path
     ending in .gguf is loaded from its folder with ``gguf_file``; anything else (local HF folder
-    or Hub id) is passed through.
+    or Hub id) is passed through. A path that cannot be a model stops with :func:`check_model_source`.
     """
+    check_model_source(name_or_path)
     if name_or_path is None:
         folder = embedded_model_dir()
         if folder is not None:
             return str(folder), {}
         name_or_path = default_gguf_path()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"name_or_path: GGUF file {path} does not exist")
         return str(path.parent), {"gguf_file": path.name}
     return str(name_or_path), {}
+
+
+@contextlib.contextmanager
+def _hub_errors(name_or_path: str | Path | None) -> Iterator[None]:
+    """A Hub id the Hub could not provide (no network, no such repo) becomes a one-line :class:`UsageError`
+    naming it; errors about existing local files pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if name_or_path is None or Path(str(name_or_path)).expanduser().exists():
+            raise
+        first_line = str(exc).strip().splitlines()[0]
+        raise UsageError(f"model {name_or_path}: not a local folder, and the Hugging Face Hub did not provide it "
+                         f"({first_line}); a local folder must exist (./{name_or_path} looks local), offline set "
+                         "HF_HUB_OFFLINE=1") from exc
 
 
 def choose_attn_implementation(device: str | torch.device) -> str:
@@ -138,7 +155,8 @@ def load_tokenizer(name_or_path: str | Path | None = None, *, trust_remote_code:
     A tokenizer without a pad token gets its EOS token as pad (generation masks padding anyway).
     """
     source, extra = _resolve_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with _hub_errors(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,9 +178,10 @@ def load_model(
     """
     source, extra = _resolve_source(name_or_path)
     attn = attn_implementation or choose_attn_implementation(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **extra
-    )
+    with _hub_errors(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **extra
+        )
     model.to(device).eval()
     logger.info(
         "loaded %s (%s) on %s, dtype=%s, attn_implementation=%s",

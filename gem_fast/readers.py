@@ -16,15 +16,35 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-__all__ = ["Row", "jsonl_rows", "iter_rows"]
+__all__ = ["Row", "open_text", "check_utf8", "jsonl_rows", "iter_rows"]
 
 Row = Mapping[str, Any]
 
 
+def open_text(path: Path) -> TextIO:
+    """A UTF-8 text handle on ``path`` whose bad bytes arrive as lone surrogates, for :func:`check_utf8`
+    to report with their line (a plain UTF-8 handle raises without saying where)."""
+    return path.open(encoding="utf-8", errors="surrogateescape")
+
+
+def check_utf8(text: str, where: str, first_line: int = 1) -> None:
+    """``ValueError`` ``where:line: not UTF-8 ...`` if ``text`` (read by :func:`open_text`) held a byte
+    that is not UTF-8; ``first_line`` is the file line that ``text`` starts on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        line = first_line + text.count("\n", 0, err.start)
+        column = err.start - (text.rfind("\n", 0, err.start) + 1) + 1
+        byte = ord(text[err.start]) - 0xDC00
+        raise ValueError(f"{where}:{line}: not UTF-8 (byte 0x{byte:02x} at column {column}); "
+                         "re-save the file as UTF-8") from None
+
+
 def jsonl_rows(handle: TextIO, path: Path) -> Iterator[tuple[str, Any]]:
-    """Each non-blank line of an open JSON Lines file as (``"path:line"``, parsed value), lazily;
-    ``ValueError`` with ``path:line`` on invalid JSON."""
+    """Each non-blank line of a JSON Lines file opened with :func:`open_text` as (``"path:line"``,
+    parsed value), lazily; ``ValueError`` with ``path:line`` on a byte that is not UTF-8 or invalid JSON."""
     for line_no, line in enumerate(handle, start=1):
+        check_utf8(line, str(path), line_no)
         if not line.strip():
             continue
         try:
@@ -61,11 +81,13 @@ def iter_rows(path: str | Path, *, split: str | None = None) -> Iterator[tuple[s
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
+    with open_text(path) as handle:
         # `datasets`' to_json writes JSON Lines under a .json name, so the content decides.
         if path.suffix == ".json" and _first_char(handle) == "[":
+            text = handle.read()
+            check_utf8(text, str(path))
             try:
-                rows = json.load(handle)
+                rows = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
             for index, row in enumerate(rows):

@@ -28,7 +28,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,15 +36,18 @@ from tqdm import tqdm
 
 from gem_fast.checkpoint import (export_dtype, export_hf, latest_checkpoint, load_checkpoint, load_hf_weights,
                                  save_checkpoint)
-from gem_fast.config import TrainConfig, parse_config
+from gem_fast.config import OptimConfig, TrainConfig, parse_config
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
+from gem_fast.errors import UsageError, check_model_source, entry_point, input_file, output_dir, user_input
+from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
 from gem_fast.objectives import make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 from gem_fast.reporting import Reporter
+from gem_fast.run_dir import claim_out_dir, file_sha256, open_metrics, run_lock, settings_changes
 
-__all__ = ["TrainResult", "NonFiniteLossError", "lr_factor", "build_policy", "train", "main"]
+__all__ = ["TrainResult", "DivergenceError", "NonFiniteLossError", "lr_factor", "build_policy", "train", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +60,6 @@ class TrainResult:
     losses: list[float]
     checkpoint: Path | None
     stopped_by_signal: int | None  # the signal number that stopped the run early, else None
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A step's loss or gradient norm was NaN/inf; raised before the optimizer step touches the weights."""
 
 
 def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -106,7 +105,8 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int]]:
-    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and returns at the step end."""
+    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and returns at the step end
+    (one received while the model loads stops the run after its first step)."""
     received: dict[str, int] = {}
     def record(signum: int, _frame: Any) -> None:
         received.setdefault("signal", signum)
@@ -119,12 +119,46 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
             signal.signal(s, handler)
 
 
-def _open_metrics(path: Path, start: int) -> TextIO:
-    """Append handle on the metrics JSONL, minus records past ``start`` (steps a hard kill lost)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
-    return path.open("a")
+def _checked_inputs(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
+    """The objective's training rows and the run's training settings (with the data file's SHA-256), after
+    checking every path the run reads or writes; :class:`UsageError` naming the flag and path before any model loads."""
+    run = cfg.run
+    output_dir(run.out_dir, "--out_dir")
+    input_file(run.train_jsonl, "--train_jsonl")
+    with user_input():  # the loader's messages name file and line
+        pairs = read_rows(cfg)
+    check_model_source(run.model_name_or_path)
+    return pairs, {**cfg.training_settings(), "train_data_sha256": file_sha256(run.train_jsonl)}
+
+
+def _check_resume(ckpt: Path, settings: dict[str, Any], global_batch: int, allow_change: bool) -> None:
+    """Refuse to resume ``ckpt`` with other training settings unless ``allow_change`` (then log them)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["global_batch"] != global_batch:
+        raise UsageError(f"--resume: {ckpt} was written with global batch {state['global_batch']} "
+                         f"(batch_size × grad_accum × ranks), now {global_batch}; resume with the same shape")
+    if "training_settings" not in state:
+        logger.warning("%s records no training settings (written by an older version): not compared", ckpt)
+        return
+    changes = settings_changes(state["training_settings"], settings)
+    if not changes:
+        return
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if not allow_change:
+        raise UsageError(f"--resume: {ckpt} was trained with other settings ({listed}); resume with the "
+                         "checkpoint's values, or pass --allow_config_change to apply the new ones")
+    logger.warning("--allow_config_change: resuming %s with changed settings: %s", ckpt, listed)
+
+
+def _restore_schedule(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                      saved: dict[str, Any], optim: OptimConfig) -> None:
+    """The checkpoint's schedule position with this run's peak lr and weight decay: the saved scheduler
+    state and the optimizer's param groups hold the old ones, which matter after --allow_config_change."""
+    schedule.load_state_dict({**saved, "base_lrs": [optim.lr] * len(optimizer.param_groups)})
+    for group in optimizer.param_groups:
+        group.update(initial_lr=optim.lr, weight_decay=optim.weight_decay)
+    schedule.last_epoch -= 1
+    schedule.step()  # sets every group's lr for the step at last_epoch from the new base lr
 
 
 def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device
@@ -159,24 +193,33 @@ def train(
 ) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; ``on_step(step, record, policy)`` runs after each step.
 
-    Data is validated before the model loads. Raises :class:`NonFiniteLossError` on a NaN/inf
-    loss or gradient norm, before the optimizer step and without writing a checkpoint.
+    Paths, data, out_dir (lock, no overwrite of a finished run) and, with ``resume``, the
+    checkpoint's settings are checked before the model loads (:class:`UsageError`). Raises
+    :class:`DivergenceError` (:class:`NonFiniteLossError` on a NaN/inf loss or gradient norm) from
+    the divergence guard before the optimizer step, without writing a checkpoint.
     """
     run = cfg.run
-    pairs = read_rows(cfg)  # ValueError with file:line on bad rows
-    with process_group() as env:
+    pairs, settings = _checked_inputs(cfg)
+    out_dir, ckpt_root = Path(run.out_dir), Path(run.out_dir) / "checkpoints"
+    # Signals are recorded from here until the lock is released and the process group is gone: a
+    # SIGTERM torchrun sends to a worker still closing (after another exited 143) does not kill it.
+    with (_stop_on_signals() as received, process_group() as env,
+          run_lock(out_dir) if env.rank == 0 else contextlib.nullcontext()):
+        if env.rank == 0:
+            claim_out_dir(out_dir, resume=run.resume, overwrite=run.overwrite)
         global_batch = run.batch_size * run.grad_accum * env.world
         steps_per_epoch = len(pairs) // global_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"{run.train_jsonl}: {len(pairs)} pairs, fewer than one global batch of {global_batch}")
+            raise UsageError(f"--train_jsonl {run.train_jsonl}: {len(pairs)} pairs, fewer than one global batch of "
+                             f"{global_batch} (batch_size × grad_accum × ranks); lower --batch_size or --grad_accum")
         total_steps = run.epochs * steps_per_epoch
         if run.max_steps > 0:
             total_steps = min(total_steps, run.max_steps)
-        out_dir, ckpt_root = Path(run.out_dir), Path(run.out_dir) / "checkpoints"
-        if not run.resume and latest_checkpoint(ckpt_root) is not None:
-            # A fresh run would interleave its checkpoints with the old run's; --resume picks the newest.
-            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: pass --resume (resume=True) "
-                             "or another out_dir")
+        last_ckpt = latest_checkpoint(ckpt_root) if run.resume else None
+        if last_ckpt is not None:
+            _check_resume(last_ckpt, settings, global_batch, run.allow_config_change)
+        elif run.resume:
+            logger.info("resume: no checkpoint under %s, starting at step 0", ckpt_root)
         # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
         reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
         model, tokenizer, weights = load_for_training(run.model_name_or_path, init=cfg.parallel.init,
@@ -188,60 +231,55 @@ def train(
         with autocast:
             objective.prepare(policy, out_dir)
         params = [p for p in policy.parameters() if p.requires_grad]
-        start, last_ckpt = 0, None
-        if run.resume and (last_ckpt := latest_checkpoint(ckpt_root)) is not None:
+        guard = DivergenceGuard(cfg.guard)
+        start = 0
+        if last_ckpt is not None:
             state = load_checkpoint(last_ckpt, policy, optimizer)
-            if state["global_batch"] != global_batch:
-                raise ValueError(f"{last_ckpt}: written with global batch {state['global_batch']}, now {global_batch}")
-            schedule.load_state_dict(state["scheduler"])
+            _restore_schedule(optimizer, schedule, state["scheduler"], cfg.optim)
+            guard.load_state_dict(state.get("guard", {}))
             start = state["step"]
-        elif run.resume:
-            logger.info("resume: no checkpoint under %s, starting at step 0", ckpt_root)
         if env.rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "train_config.json").write_text(json.dumps(cfg.to_flat(), indent=1))
-        metrics = _open_metrics(out_dir / "metrics.jsonl", start) if env.rank == 0 else None
+            (out_dir / "train_config.json").write_text(json.dumps(
+                {**cfg.to_flat(), "train_data_sha256": settings["train_data_sha256"]}, indent=1))
+        metrics = open_metrics(out_dir / "metrics.jsonl", start) if env.rank == 0 else None
         bar = tqdm(total=total_steps, initial=start, desc=run.objective, disable=env.rank != 0 or not run.progress)
         losses: list[float] = []
         stopped = None
-        with _stop_on_signals() as received:
-            for step in range(start, total_steps):
-                t0 = time.perf_counter()
-                micro_batches, stats = objective.step_batches(policy, step)
-                loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
-                grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
-                values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
-                record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),
-                          "grad_norm": values.pop("grad_norm"), "lr": schedule.get_last_lr()[0], **values}
-                if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-                    raise NonFiniteLossError(
-                        f"step {step + 1}: loss {record['loss']}, grad norm {record['grad_norm']}; "
-                        f"last checkpoint {latest_checkpoint(ckpt_root)} left as it was"
-                    )
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                record["step_time_s"] = time.perf_counter() - t0
-                losses.append(record["loss"])
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    reporter.log(record)
-                    bar.update(1)
-                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in record.items()))
-                done = step + 1
-                if stop or (run.save_every and done % run.save_every == 0):
-                    trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
-                                     "scheduler": schedule.state_dict()}
-                    last_ckpt = save_checkpoint(
-                        ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints
-                    )
-                if on_step is not None:
-                    on_step(done, record, policy)
-                if stop:
-                    stopped = received.get("signal", signal.SIGTERM)  # another rank may have received it
-                    break
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            micro_batches, stats = objective.step_batches(policy, step)
+            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
+            grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
+            values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
+            record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),
+                      "grad_norm": values.pop("grad_norm"), "lr": schedule.get_last_lr()[0], **values}
+            record.update(guard.check(step + 1, record["loss"], record["grad_norm"], optimizer, env,
+                                      last_good=str(last_ckpt or "none (no checkpoint written yet)")))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            record["step_time_s"] = time.perf_counter() - t0
+            losses.append(record["loss"])
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                reporter.log(record)
+                bar.update(1)
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in record.items()))
+            done = step + 1
+            if stop or (run.save_every and done % run.save_every == 0):
+                trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
+                                 "scheduler": schedule.state_dict(), "guard": guard.state_dict(),
+                                 "training_settings": settings}
+                last_ckpt = save_checkpoint(
+                    ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints
+                )
+            if on_step is not None:
+                on_step(done, record, policy)
+            if stop:
+                stopped = received.get("signal", signal.SIGTERM)  # another rank may have received it
+                break
         bar.close()
         if metrics is not None:
             metrics.close()
@@ -251,10 +289,18 @@ def train(
         return TrainResult(start + len(losses), losses, last_ckpt, stopped)
 
 
+@entry_point
 def main(argv: list[str] | None, *, objective: str, description: str) -> int:
-    """Entry point of ``scripts/train_*.py``: logging, config, run; exit code 128 + signal if stopped early."""
+    """Entry point of ``scripts/train_*.py``: logging, config, run; exit code 128 + signal if stopped early,
+    2 with one line for a user error (:mod:`gem_fast.errors`), 1 with one line for a diverged run."""
     # Under torchrun only rank 0 narrates; the others report warnings and errors.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(parse_config(argv, objective=objective, description=description))
-    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+    if result.stopped_by_signal is None:
+        return 0
+    # Checkpointed and leaving: torchrun sends SIGTERM to the workers still alive once one has exited, and
+    # that must not turn this worker's 143 into death by signal while the interpreter shuts down. A no-op
+    # handler, not SIG_IGN, which processes started later would inherit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    return 128 + result.stopped_by_signal

@@ -418,7 +418,7 @@ def test_prepare_data_cli(tmp_path, capsys, script):
         assert line == f"{name}: {len(part)} pairs, {prompts} prompts -> {out / name}.jsonl"
 
 
-def test_prepare_data_cli_keeps_subset_and_reports_bad_rows(tmp_path, script):
+def test_prepare_data_cli_keeps_subset_and_reports_bad_rows(tmp_path, script, capsys):
     out = tmp_path / "prepared"
     rewardbench = FIXTURES / "rewardbench.json"
     argv = ["--input", str(rewardbench), "--format", "rewardbench", "--out_dir", str(out)]
@@ -427,8 +427,9 @@ def test_prepare_data_cli_keeps_subset_and_reports_bad_rows(tmp_path, script):
     written = load_preference_jsonl(out / "train.jsonl") + load_preference_jsonl(out / "test.jsonl")
     assert sorted(p.subset for p in written) == ["hep-python", "refusals-dangerous"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "chosen": ""}])
-    with pytest.raises(SystemExit, match=rf"error: {bad}:2: field 'chosen' is empty"):
-        script.main(["--input", str(bad), "--out_dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--input", str(bad), "--out_dir", str(tmp_path / "from_bad")])
+    assert exit_info.value.code == 2 and f"error: {bad}:2: field 'chosen' is empty" in capsys.readouterr().err
 
 
 def test_prepare_data_cli_renders_with_a_saved_tokenizer(tmp_path, script, templated_tokenizer):

@@ -34,8 +34,10 @@ def test_source_resolution(tmp_path):
     gguf = default_gguf_path()
     assert models._resolve_source(gguf) == (str(gguf.parent), {"gguf_file": gguf.name})
     assert models._resolve_source(str(tmp_path)) == (str(tmp_path), {})
-    with pytest.raises(ValueError, match="^name_or_path"):
+    with pytest.raises(ValueError, match="missing.gguf: no such file or folder"):
         models._resolve_source(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match="missing_folder: no such file or folder"):
+        models._resolve_source(tmp_path / "missing_folder")
 
 
 def test_unwritable_cache_falls_back_to_the_gguf(tmp_path, monkeypatch, caplog):

@@ -17,6 +17,7 @@ from gem_fast.config import parse_config
 from gem_fast.objectives.sega import SampleLog
 from gem_fast.reporting import Reporter
 from gem_fast.sega import sega_advantages
+import gem_fast.train as train_module
 from gem_fast.train import train
 
 
@@ -48,14 +49,15 @@ def fake_wandb(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_a_missing_sink_package_stops_before_the_model_loads(tmp_path, capsys):
+def test_a_missing_sink_package_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         parse_config(["--report_to", "wandb"], objective="sft", description="t")
     assert stop.value.code == 2
     assert "report_to wandb: the 'wandb' package is not installed (pip install wandb)" in capsys.readouterr().err
     model_dir, data = write_run_inputs(tmp_path, n_pairs=4)
-    cfg = run_config(tmp_path / "no-such-model", data, tmp_path / "out", report_to="wandb")
-    with pytest.raises(ValueError, match="'wandb' package is not installed"):  # not the model path's error
+    cfg = run_config(model_dir, data, tmp_path / "out", report_to="wandb")
+    monkeypatch.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="'wandb' package is not installed"):
         train(cfg)
 
 

@@ -4,7 +4,10 @@
         --eval_jsonl data/pairs.jsonl --beta 1.0
 
 Prints a table (per subset when rows carry "subset", then all pairs) and writes the report,
-per-pair margins included, as JSON. Without --model_name_or_path the embedded SmolLM2 runs.
+per-pair margins included, as JSON: by default beside the evaluated model, as
+``<model folder>/pref_accuracy-<eval file stem>.json`` (``<file>.pref_accuracy-<stem>.json`` for a
+.gguf file, ``outputs/pref_accuracy/<model>-<stem>.json`` for a Hub id or the embedded SmolLM2). An
+existing report is kept unless --overwrite. Without --model_name_or_path the embedded SmolLM2 runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 from gem_fast.config import parse_bool
 from gem_fast.data import load_preference_jsonl
+from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
+                             user_input, writable_file)
 from gem_fast.eval import evaluate_preference_accuracy, format_table
 from gem_fast.kernels import BACKENDS
 from gem_fast.models import load_model_and_tokenizer
@@ -31,15 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model_name_or_path", default=None, help="HF folder, .gguf file or Hub id (default: embedded SmolLM2)"
     )
     p.add_argument("--eval_jsonl", required=True, help='JSONL of {"prompt", "chosen", "rejected"[, "subset"]}')
-    p.add_argument("--beta", type=float, default=1.0, help="implicit reward scale")
+    p.add_argument("--beta", type=number(float, above=0), default=1.0, help="implicit reward scale")
     p.add_argument("--ref_model_name_or_path", default=None, help="reference model: reward β·(log π − log π_ref)")
     p.add_argument("--length_normalize", action="store_true", help="per-token mean log-prob instead of the sum")
     p.add_argument("--chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    p.add_argument("--batch_size", type=int, default=8, help="pairs per forward")
-    p.add_argument("--max_length", type=int, default=1024, help="tokens per prompt+response row")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
+    p.add_argument("--batch_size", type=number(int, at_least=1), default=8, help="pairs per forward")
+    p.add_argument("--max_length", type=number(int, at_least=2), default=1024, help="tokens per prompt+response row")
+    p.add_argument("--limit", type=number(int, at_least=1), default=None, help="evaluate the first N pairs only")
     p.add_argument("--tie_tolerance", type=float, default=1e-6, help="relative reward gap that still counts as a tie")
-    p.add_argument("--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--n_bootstrap", type=number(int, at_least=1), default=1000,
+                   help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -47,15 +53,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kernel backend (as the training scripts' --kernel_backend)")
     p.add_argument("--progress", type=parse_bool, default=None, metavar="BOOL",
                    help="progress bars while scoring (default: on a terminal only)")
-    p.add_argument("--output_json", default="outputs/pref_accuracy.json", help="where the JSON report goes")
+    p.add_argument("--output_json", default=None,
+                   help="where the JSON report goes (default: beside the model, see the module doc)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report at --output_json")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
+def default_output(model_name_or_path: str | None, eval_jsonl: str | Path) -> Path:
+    """Where the report goes without --output_json: beside the evaluated model (see the module doc)."""
+    report = f"pref_accuracy-{Path(eval_jsonl).stem}.json"
+    if model_name_or_path is not None:
+        model = Path(model_name_or_path).expanduser()
+        if model.is_dir():
+            return model / report
+        if model.is_file():
+            return model.with_name(f"{model.stem}.{report}")
+    name = (model_name_or_path or "embedded-smollm2").replace("/", "--")
+    return Path("outputs") / "pref_accuracy" / f"{name}-{Path(eval_jsonl).stem}.json"
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pairs = load_preference_jsonl(args.eval_jsonl, limit=args.limit)
+    for flag in ("model_name_or_path", "ref_model_name_or_path"):
+        check_model_source(getattr(args, flag), f"--{flag}")
+    with user_input():  # the loader's messages name file and line
+        pairs = load_preference_jsonl(input_file(args.eval_jsonl, "--eval_jsonl"), limit=args.limit)
     if not pairs:
-        raise SystemExit(f"{args.eval_jsonl}: no pairs to evaluate")
+        raise UsageError(f"--eval_jsonl {args.eval_jsonl}: no pairs to evaluate")
+    out = writable_file(args.output_json or default_output(args.model_name_or_path, args.eval_jsonl),
+                        "--output_json", overwrite=args.overwrite)
     dtype = _DTYPES[args.dtype]
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=dtype, device=args.device)
     ref_model = None
@@ -78,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         progress=args.progress,
     )
     print(format_table(report))
-    out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model_name_or_path": args.model_name_or_path,

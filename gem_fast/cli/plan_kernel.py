@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gem_fast.errors import add_debug_flag, entry_point, number
 from gem_fast.kernels.chunked import DW_ACCUMULATIONS
 from gem_fast.kernels.plan import OPS, KernelPlan, plan_kernel
 
@@ -22,28 +23,21 @@ ELEMENT_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MIB = 2**20
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=_positive(int), default=32768)
-    parser.add_argument("--hidden", type=_positive(int), default=4096)
-    parser.add_argument("--vocab", type=_positive(int), default=128256)
+    parser.add_argument("--tokens", type=number(int, above=0), default=32768)
+    parser.add_argument("--hidden", type=number(int, above=0), default=4096)
+    parser.add_argument("--vocab", type=number(int, above=0), default=128256)
     parser.add_argument("--dtype", choices=sorted(ELEMENT_SIZES), default="bf16")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="sets the default block budget and row tiles (and the backends: triton on cuda)")
-    parser.add_argument("--block_bytes", type=_positive(int), help="bytes of one [chunk, V] block (default: the device's)")
+    parser.add_argument("--block_bytes", type=number(int, above=0),
+                        help="bytes of one [chunk, V] block (default: the device's)")
     parser.add_argument("--dw_accumulation", choices=DW_ACCUMULATIONS, default="input")
-    parser.add_argument("--matmul_tflops", type=_positive(float), default=790.0)
-    parser.add_argument("--bandwidth_tbs", type=_positive(float), default=3.0)
+    parser.add_argument("--matmul_tflops", type=number(float, above=0), default=790.0)
+    parser.add_argument("--bandwidth_tbs", type=number(float, above=0), default=3.0)
+    add_debug_flag(parser)
     return parser
 
 
@@ -74,6 +68,7 @@ def markdown(rows: list[KernelPlan], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print(f"N={args.tokens}, H={args.hidden}, V={args.vocab}, {args.dtype} on {args.device}, "

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from gem_fast.config import TrainConfig, parse_bool, read_yaml
+from gem_fast.errors import UsageError, add_debug_flag, entry_point, number
 from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
 from gem_fast.shapes import PRESETS, model_shape
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a preset {sorted(PRESETS)} or an HF config.json (file or folder)")
     parser.add_argument("--config", type=Path, help="training YAML: batch_size, max_length, k, gen_max_new_tokens, "
                                                     "activation_checkpointing, objective")
-    parser.add_argument("--world_size", type=int, default=1, help="ranks (GPUs); > 1 means FSDP2")
+    parser.add_argument("--world_size", type=number(int, at_least=1), default=1, help="ranks (GPUs); > 1 means FSDP2")
     parser.add_argument("--batch_size", "--micro_batch", dest="batch_size", type=int,
                         help="rows per rank per micro-step (SEGA: prompts)")
     parser.add_argument("--max_length", "--seq_len", dest="max_length", type=int,
@@ -61,20 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen_max_new_tokens", type=int, help="SEGA tokens generated per candidate")
     parser.add_argument("--objective", choices=("sft", "sega", "dpo", "ipo"), help="default: the YAML's, else sft "
                                                                                     "(sega with --k)")
+    add_debug_flag(parser)
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config: dict = {}
     if args.config is not None:
-        if not args.config.is_file():
-            parser.error(f"--config: {args.config} is not a file")
-        try:
-            config = read_yaml(args.config)
-        except ValueError as exc:
-            parser.error(str(exc))
+        config = read_yaml(args.config)  # UsageError naming the file (and line)
     flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing")
     config.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
     losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
@@ -84,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = {loss: plan_memory(shape, setup_from_train_config(
             train_config, world_size=args.world_size, loss=loss, device=args.device, attention=args.attention,
             liger_layers=args.liger_layers, response_len=args.response_len)) for loss in losses}
-    except (KeyError, ValueError) as exc:
-        parser.error(str(exc))
+    except (KeyError, ValueError) as exc:  # a bad value (named by the message) or an unknown preset
+        raise UsageError(str(exc).strip("'\"")) from exc
     setup = next(iter(plans.values())).setup
     print(f"## {shape.name}: {shape.params() / 1e9:.2f} B parameters, V={shape.vocab}, "
           f"{'tied' if shape.tied else 'untied'} embeddings\n")

@@ -6,7 +6,7 @@
 The input is a .jsonl, .json or .parquet file or a folder saved by datasets' save_to_disk;
 --format is one of gem_fast.adapters.FORMATS or auto (detected from the first row). Writes
 OUT_DIR/train.jsonl and OUT_DIR/test.jsonl as {"prompt", "chosen", "rejected"[, "subset"]}
-with no prompt in both, and prints the counts.
+with no prompt in both, and prints the counts. Existing train/test files are kept unless --overwrite.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from gem_fast.adapters import (
     split_pairs,
     write_pairs_jsonl,
 )
+from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, output_dir, user_input,
+                             writable_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,28 +38,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder or Hub id whose chat template renders the prompts"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace existing train.jsonl / test.jsonl in --out_dir")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not Path(args.input).exists():
+        raise UsageError(f"--input {args.input}: no such file or folder")
+    out_dir = output_dir(args.out_dir, "--out_dir")
+    outputs = {name: writable_file(out_dir / f"{name}.jsonl", "--out_dir", overwrite=args.overwrite)
+               for name in ("train", "test")}
+    check_model_source(args.tokenizer, "--tokenizer")
     tokenizer = None
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # heavy import, only when a template is wanted
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    try:
+    with user_input():  # data problems: the message names file and row
         fmt = args.format if args.format != "auto" else detect_file_format(args.input, split=args.split)
         pairs = load_pairs(
             args.input, format=fmt, preference=args.preference, tokenizer=tokenizer, split=args.split
         )
         train, test = split_pairs(pairs, args.test_fraction, args.seed)
-    except (ValueError, ImportError) as err:  # data problems: the message names file and row
-        raise SystemExit(f"error: {err}") from None
-    out_dir = Path(args.out_dir)
     print(f"{args.input}: {len(pairs)} pairs, format {fmt}")
     for name, part in (("train", train), ("test", test)):
-        write_pairs_jsonl(part, out_dir / f"{name}.jsonl")
+        write_pairs_jsonl(part, outputs[name])
         prompts = len({p.prompt for p in part})
         print(f"{name}: {len(part)} pairs, {prompts} prompts -> {out_dir / f'{name}.jsonl'}")
     return 0
