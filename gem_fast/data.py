@@ -117,10 +117,11 @@ def load_completions(path: str | Path) -> list[Completion]:
 def load_prompts(path: str | Path) -> list[str]:
     """The ``prompt`` of every row of a JSONL file, for SEGA, which needs nothing else: prompt-only rows
     (``{"prompt": ...}``, the unlabelled prompts of the low-label setting) and preference rows alike;
-    other fields are ignored. ``ValueError`` with ``path:line`` for invalid JSON or a missing or empty prompt.
+    other fields are ignored. ``ValueError`` with ``path:line`` for a byte that is not UTF-8, invalid JSON, or a
+    missing or empty prompt.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
+    with open_text(path) as handle:
         return [_check_text(row if isinstance(row, dict) else {}, "prompt", where)
                 for where, row in jsonl_rows(handle, path)]
 
