@@ -38,6 +38,9 @@ class RunConfig:
     out_dir: str = _opt("outputs/run", "checkpoints, metrics.jsonl, train_config.json and the HF export")
     model_name_or_path: str | None = _opt(None, "HF model folder or hub id (unset: the embedded SmolLM2 GGUF)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective")
+    prefix_sharing: Literal["auto", "on", "off"] = _opt(
+        "auto", "SEGA, DPO, IPO: compute each prompt once per group, its responses packed after it "
+                "(gem_fast.prefix_sharing); auto: on where the model's attention takes the packed layout")
     epochs: int = _opt(1, "passes over the data")
     max_steps: int = _opt(0, "> 0 caps the optimizer steps")
     batch_size: int = _opt(1, "rows (SFT, DPO/IPO pairs) or prompts (SEGA) per rank per micro-step")
