@@ -83,15 +83,14 @@ def run(model: torch.nn.Module, case: Case, device: torch.device, log=print) -> 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     policies, optimizers, first_loss, first_grads = {}, {}, {}, {}
     for layout in LAYOUTS:
-        copy_ = copy.deepcopy(model).train()
-        shared = layout == "shared" and resolve_prefix_sharing("on", copy_, "sega", device)
-        policies[layout] = PolicyLoss(copy_, backend="auto", prefix_sharing=shared)
+        replica = copy.deepcopy(model).train()
+        shared = layout == "shared" and resolve_prefix_sharing("on", replica, "sega", device)
+        policies[layout] = PolicyLoss(replica, backend="auto", prefix_sharing=shared)
         optimizers[layout] = torch.optim.AdamW(policies[layout].parameters(), lr=1e-5)
 
     def step(layout: str) -> torch.Tensor:
-        policy, optimizer = policies[layout], optimizers[layout]
         with autocast:
-            loss = policy(batch.input_ids, batch.attention_mask, batch.response_mask, weights)
+            loss = policies[layout](batch.input_ids, batch.attention_mask, batch.response_mask, weights)
         loss.backward()
         return loss.detach()
 

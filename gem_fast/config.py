@@ -258,6 +258,8 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
             spec = specs[name]
             if isinstance(value, str) and spec.get("type") in (int, float, parse_bool):
                 value = spec["type"](value)
+            if isinstance(value, bool) and "on" in spec.get("choices", ()):  # YAML 1.1 reads a bare on/off as a bool
+                value = "on" if value else "off"
             if "choices" in spec and value not in spec["choices"]:
                 parser.error(f"{path}: {name} must be one of {spec['choices']}, got {value!r}")
             values[name] = value

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tiny_lm import char_tokenizer, tiny_model
 
+from gem_fast.config import parse_config
+from gem_fast.distributed import free_port, parallelize
 from gem_fast.data import EncodedBatch, PreferencePair, encode_pairs, encode_prompts, join_prompt_and_generation
 from gem_fast.logprobs import PairLogprobs
 from gem_fast.objectives.pairs import preference_loss
@@ -118,3 +125,97 @@ def test_resolve_prefix_sharing_modes(caplog):
     assert "prefix sharing off (repeated prompts): flex_attention" in caplog.text
     with pytest.raises(ValueError, match="'on' is not available: flex_attention"):
         resolve_prefix_sharing("on", model, "ipo", CPU)
+
+
+def test_prefix_sharing_flag_and_yaml_key(tmp_path):
+    assert parse_config([], objective="sega", description="").run.prefix_sharing == "auto"
+    assert parse_config(["--prefix_sharing", "off"], objective="sega", description="").run.prefix_sharing == "off"
+    for spelling in ("on", "'on'"):  # YAML 1.1 reads a bare on as true
+        (tmp_path / "dpo.yaml").write_text(f"objective: dpo\nprefix_sharing: {spelling}\n")
+        cfg = parse_config(["--config", str(tmp_path / "dpo.yaml")], objective="sft", description="")
+        assert cfg.run.prefix_sharing == "on"
+
+
+def _two_rank_worker(rank: int, world: int, port: int, root: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        results = {}
+        for objective, (batch, extra) in _global_batches().items():
+            policy = parallelize(PolicyLoss(tiny_model(char_tokenizer()).train(), backend="torch", prefix_sharing=True,
+                                            pair_loss=_dpo if objective == "dpo" else None),
+                                 activation_checkpointing=True, sharded=True, device=CPU)
+            loss = policy(*_rank_rows(batch, extra, objective, rank, world))
+            loss.backward()
+            dist.all_reduce(loss := loss.detach())
+            grads = {n: p.grad.full_tensor() for n, p in policy.named_parameters()}
+            results[objective] = (loss / world, {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in grads.items()})
+        if rank == 0:
+            torch.save(results, root / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _dpo(model, batch, reference, *, backend, prefix_sharing):
+    return preference_loss("dpo", model, batch, reference, beta=0.1, backend=backend, prefix_sharing=prefix_sharing)
+
+
+_PAIRS = [PreferencePair(f"Q{i}: {i}+{i}=", f"{2 * i} as {i}+{i}" * (i % 2 + 1), f"{2 * i + 1}") for i in range(4)]
+
+
+def _global_batches() -> dict[str, tuple[EncodedBatch, torch.Tensor | PairLogprobs]]:
+    """The step's global batch of each objective: SEGA 4 prompts × k=2, weights A_i / 4; DPO 4 pairs."""
+    tokenizer = char_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p.prompt for p in _PAIRS])
+    sequences = torch.randint(3, len(tokenizer), (8, 6), generator=g)
+    generated = torch.arange(6)[None, :] < torch.randint(1, 7, (8,), generator=g)[:, None]
+    sega = join_prompt_and_generation(prompt_ids, prompt_mask, sequences, generated)
+    reference = PairLogprobs(-torch.rand(4, generator=g) * 20, -torch.rand(4, generator=g) * 20,
+                             torch.ones(4, dtype=torch.long), torch.ones(4, dtype=torch.long))
+    return {"sega": (sega, torch.randn(4, 2, generator=g)), "dpo": (encode_pairs(tokenizer, _PAIRS), reference)}
+
+
+def _rank_rows(batch: EncodedBatch, extra, objective: str, rank: int, world: int) -> tuple:
+    """PolicyLoss inputs of rank ``rank``'s share of the global batch (all of it for world 1)."""
+    if objective == "sega":  # prompt-major rows; each rank averages over its own prompts, FSDP over ranks
+        prompts = extra.shape[0] // world
+        rows = batch.rows(slice(rank * prompts * 2, (rank + 1) * prompts * 2))
+        advantages = extra[rank * prompts : (rank + 1) * prompts]
+        return (rows.input_ids, rows.attention_mask, rows.response_mask,
+                sega_token_weights(advantages, prompts, rows.input_ids.shape[1] - 1))
+    n = extra.chosen.shape[0]
+    pairs = torch.arange(rank * n // world, (rank + 1) * n // world)
+    rows = batch.rows(torch.cat([pairs, pairs + n]))
+    return rows.input_ids, rows.attention_mask, rows.response_mask, None, extra.select(pairs)
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_shared_layout_equals_one_process_repeated(tmp_path):
+    mp.spawn(_two_rank_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "rank0.pt")
+    for objective, (batch, extra) in _global_batches().items():
+        policy = PolicyLoss(tiny_model(char_tokenizer()).train(), backend="torch",
+                            pair_loss=_dpo if objective == "dpo" else None)
+        loss = policy(*_rank_rows(batch, extra, objective, 0, 1))
+        loss.backward()
+        got_loss, got_grads = sharded[objective]
+        torch.testing.assert_close(got_loss, loss.detach(), **TOL)
+        for name, grad in policy.named_parameters():
+            want = grad.grad
+            assert (got_grads[name] - want).abs().max() <= GRAD_RTOL * want.abs().max(), (objective, name)
+
+
+def test_bench_quick_writes_the_issue_fields(tmp_path):
+    from bench import sega_prefix
+
+    assert sega_prefix.main(["--quick", "--reps", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sega_prefix.json").read_text())
+    for layout in ("repeated", "shared"):
+        assert {"step_s", "peak_mb", "tokens"} <= doc[layout].keys() and doc[layout]["step_s"] > 0
+    case = sega_prefix.QUICK
+    assert doc["repeated"]["tokens"] == case.prompts * case.k * (case.prompt_len + case.response_len)
+    assert doc["shared"]["tokens"] == case.prompts * (case.prompt_len + case.k * case.response_len)
+    assert doc["max_rel_grad_diff"] <= 1e-4 and doc["loss_diff"] <= 1e-5

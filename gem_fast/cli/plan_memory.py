@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen_max_new_tokens", type=int, help="SEGA tokens generated per candidate")
     parser.add_argument("--objective", choices=("sft", "sega", "dpo", "ipo"), help="default: the YAML's, else sft "
                                                                                     "(sega with --k)")
+    parser.add_argument("--prefix_sharing", choices=("auto", "on", "off"),
+                        help="SEGA/DPO/IPO: one packed row per prompt unless off (default: the YAML's, else auto)")
     return parser
 
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             config = read_yaml(args.config)
         except ValueError as exc:
             parser.error(str(exc))
-    flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing")
+    flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing",
+             "prefix_sharing")
     config.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
     losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
     try:
