@@ -327,11 +327,13 @@ def sega(ctx: StageContext) -> None:
 def sega_prefix(ctx: StageContext) -> None:
     """:mod:`bench.sega_prefix` on the random-weight SmolLM2-shaped model, fp32 weights under bf16 autocast:
     one SEGA step, 2 prompts of 512 tokens × k=4 candidates of 64, repeated vs prefix-shared layout."""
+    from transformers import AutoConfig
+
     from . import sega_prefix as bench
-    from .gpu_assets import load_assets, random_model
+    from .gpu_assets import random_model
 
     device = _device(ctx)
-    _, config = load_assets(_assets(ctx))
+    config = AutoConfig.from_pretrained(_assets(ctx))  # the tokenizer is not needed: random token ids
     model = random_model(config, device, torch.float32, tiny=ctx.dry_run)
     case = bench.Case(prompts=1, prompt_len=16, response_len=4, k=2, reps=1) if ctx.dry_run else \
         bench.Case(prompts=2, reps=5)
