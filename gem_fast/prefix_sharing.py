@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
@@ -111,7 +111,7 @@ def pack_groups(batch: EncodedBatch) -> PackedGroups:
             input_ids[g, start:end] = cpu.input_ids[row, columns]
             position_ids[g, start:end] = torch.arange(p, p + len(columns))
             segments[g, start:end] = i
-            # Token j of the response is predicted at its own position j-1; token 0 at the prompt's last.
+            # Response token j is predicted from the packed position of token j-1; token 0 from the prompt's last.
             predicting = torch.cat([torch.tensor([p - 1]), torch.arange(start, end - 1)])[: len(columns)]
             hidden_rows.append(g * width + predicting)
             targets.append(cpu.input_ids[row, columns])
@@ -121,11 +121,11 @@ def pack_groups(batch: EncodedBatch) -> PackedGroups:
                         torch.cat(source)).to(device)
 
 
-def _allowed(segments: torch.Tensor):
+def _allowed(segments: torch.Tensor) -> Callable[..., torch.Tensor]:
     """FlexAttention mask_mod of the packed layout: causal, and a key is the prompt or the query's own segment.
 
-    A padding query (segment -1) sees the earlier padding and the prompt, never a real query's row
-    sees padding; no row is fully masked.
+    Padding queries (segment -1) see the prompt and earlier padding, so no row is fully masked
+    (SDPA would return NaN there); real queries never see padding.
     """
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         key_segment = segments[b, kv]
