@@ -300,9 +300,11 @@ def llama3_8b_predictions() -> tuple[list[dict], str]:
     shape = model_shape("llama3-8b")
     sega = read_yaml(ROOT / "configs" / "llama3_8b_sega_8gpu.yaml")
     settings: list[tuple[str, Setup]] = [
-        (f"SEGA YAML{'' if ac else ', AC off'}: 2 prompts × k=5",
-         setup_from_train_config(TrainConfig.from_flat({**sega, "activation_checkpointing": ac}), world_size=8, loss="fused", device="cuda"))
-        for ac in (True, False)
+        (f"SEGA YAML{'' if ac else ', AC off'}: 2 prompts × k=5{', prompts repeated' if sharing == 'off' else ', prefix-shared'}",
+         setup_from_train_config(TrainConfig.from_flat({**sega, "activation_checkpointing": ac,
+                                                        "prefix_sharing": sharing}),
+                                 world_size=8, loss="fused", device="cuda"))
+        for sharing in ("off", "auto") for ac in (True, False)
     ]
     for seq_len in (2048, 4096):
         for rows in (1, 2, 4):

@@ -318,3 +318,33 @@ def sega(ctx: StageContext) -> None:
     ctx.section(lines)
     if len(result.losses) != cfg.run.max_steps:
         raise RuntimeError(f"sega: {len(result.losses)} of {cfg.run.max_steps} steps ran")
+
+
+# ---------------------------------------------------------------------------------------------
+# sega_prefix
+
+
+def sega_prefix(ctx: StageContext) -> None:
+    """:mod:`bench.sega_prefix` on the random-weight SmolLM2-shaped model, fp32 weights under bf16 autocast:
+    one SEGA step, 2 prompts of 512 tokens × k=4 candidates of 64, repeated vs prefix-shared layout."""
+    from transformers import AutoConfig
+
+    from . import sega_prefix as bench
+    from .gpu_assets import random_model
+
+    device = _device(ctx)
+    config = AutoConfig.from_pretrained(_assets(ctx))  # the tokenizer is not needed: random token ids
+    model = random_model(config, device, torch.float32, tiny=ctx.dry_run)
+    case = bench.Case(prompts=1, prompt_len=16, response_len=4, k=2, reps=1) if ctx.dry_run else \
+        bench.Case(prompts=2, reps=5)
+    doc = bench.run(model, case, device, log=lambda line: print(line, flush=True))
+    for layout in bench.LAYOUTS:
+        ctx.emit({"layout": layout, "status": "ok", **{k: v for k, v in doc[layout].items() if k != "times_s"}})
+    ctx.note(**{k: doc[k] for k in ("case", "model", "environment", "max_rel_grad_diff", "loss_diff", "time_ratio",
+                                    "peak_ratio")})
+    ctx.section([f"Random-weight {doc['model']['type']} ({doc['model']['params'] / 1e6:,.0f} M parameters, attention "
+                 f"`{doc['model']['attention']}`), {case.prompts} prompts of {case.prompt_len} tokens × k={case.k} "
+                 f"candidates of {case.response_len}; forward, backward, AdamW; median of {case.reps} after a warm-up. "
+                 "Peak: allocated beyond weights, gradients and AdamW state"
+                 + (", gradients compared under bf16 autocast." if doc["model"]["autocast"] else "."),
+                 "", *bench.table(doc)])

@@ -63,6 +63,9 @@ class RunConfig(_Bounded):
                                                 "SmolLM2-135M-Instruct)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
                                                                   "dpo or ipo on the pairs")
+    prefix_sharing: Literal["auto", "on", "off"] = _opt(
+        "auto", "SEGA, DPO, IPO: compute each prompt once per group, its responses packed after it "
+                "(gem_fast.prefix_sharing); auto: on where the model's attention takes the packed layout")
     epochs: int = _opt(1, "passes over the data", at_least=1)
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: no cap, epochs decide)", at_least=0)
     batch_size: int = _opt(1, "rows (SFT), pairs (DPO/IPO) or prompts (SEGA) per rank per micro-step", at_least=1)
@@ -397,6 +400,8 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
             spec = specs[name]
             if isinstance(value, str) and spec.get("type") in (int, float, parse_bool):
                 value = spec["type"](value)
+            if isinstance(value, bool) and "on" in spec.get("choices", ()):  # YAML 1.1 reads a bare on/off as a bool
+                value = "on" if value else "off"
             if "choices" in spec and value not in spec["choices"]:
                 parser.error(f"{path}: {name} must be one of {spec['choices']}, got {value!r}")
             values[name] = value

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
 from gem_fast.integrations import output_head
 from gem_fast.kernels import fused_logprob_entropy
+from gem_fast.prefix_sharing import pack_groups, packed_response_hidden
 
 __all__ = [
     "IGNORE_INDEX",
@@ -55,20 +56,29 @@ def sequence_logprobs(
     *,
     length_normalize: bool = False,
     backend: str = "auto",
+    prefix_sharing: bool = False,
 ) -> torch.Tensor:
     """log π(response | prompt) per row, [N] float32 (nats): the sum over response tokens.
 
     ``length_normalize=True`` divides by the number of response tokens (mean per token).
-    Differentiable w.r.t. the model's parameters when grad is enabled.
+    ``prefix_sharing``: rows with the same prompt run as one packed row
+    (:mod:`gem_fast.prefix_sharing`); the same numbers. Differentiable w.r.t. the model's
+    parameters when grad is enabled.
     """
     head = output_head(model)
     targets = response_targets(batch)
-    # Prompt and padding rows are most of a preference batch: one host sync to skip their GEMMs.
-    logp, _ = fused_logprob_entropy(
-        response_hidden(model, batch), head.weight, targets, bias=head.bias, logit_scale=head.logit_scale,
-        logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True,
-    )
-    total = logp.sum(-1)
+    kernel_args = dict(bias=head.bias, logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
+                       ignore_index=IGNORE_INDEX, backend=backend)
+    if prefix_sharing:
+        packed = pack_groups(batch)
+        logp, _ = fused_logprob_entropy(packed_response_hidden(model, packed), head.weight, packed.targets,
+                                        **kernel_args)
+        total = logp.new_zeros(targets.shape[0]).index_add(0, packed.source // targets.shape[1], logp)
+    else:
+        # Prompt and padding rows are most of a preference batch: one host sync to skip their GEMMs.
+        logp, _ = fused_logprob_entropy(response_hidden(model, batch), head.weight, targets, drop_ignored_rows=True,
+                                        **kernel_args)
+        total = logp.sum(-1)
     if length_normalize:
         total = total / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return total

@@ -409,15 +409,30 @@ def setup_from_train_config(config: TrainConfig, *, world_size: int, loss: str, 
     ``gen_max_new_tokens`` each, trained as ``batch_size × k`` rows of prompt + generation whose
     generated tokens are scored. DPO/IPO: chosen and rejected rows of ``max_length``. SFT:
     ``batch_size`` rows of ``max_length``, ``response_len`` scored tokens per row (None: every
-    position, an upper bound for the fused loss, which skips prompt tokens).
+    position, an upper bound for the fused loss, which skips prompt tokens). With
+    ``prefix_sharing`` not "off" (:mod:`gem_fast.prefix_sharing`) SEGA and DPO/IPO train on one
+    packed row per prompt instead: P + k·R tokens (SEGA), ``max_length + response_len`` (a pair;
+    ``response_len`` None: ``2·max_length - 1``, the bound for a one-token prompt), the responses
+    scored; its attention is modelled as the layout without it (FlexAttention keeps what
+    FlashAttention does, SDPA's mask is ``[rows, 1, L, L]`` either way).
     """
     run = config.run
     common = dict(world_size=world_size, loss=loss, device=device, attention=attention, liger_layers=liger_layers,
                   activation_checkpointing=config.parallel.activation_checkpointing)
+    shared = run.prefix_sharing != "off"
     if run.objective == "sega":
         sampling = Sampling(run.batch_size, config.sampling.k, run.max_length, config.sampling.gen_max_new_tokens)
+        if shared:
+            scored = sampling.k * sampling.new_tokens
+            return Setup(micro_batch=sampling.prompts, seq_len=sampling.prompt_len + scored, response_len=scored,
+                         sampling=sampling, **common)
         return Setup(micro_batch=sampling.prompts * sampling.k, seq_len=sampling.prompt_len + sampling.new_tokens,
                      response_len=sampling.new_tokens, sampling=sampling, **common)
+    if run.objective in ("dpo", "ipo") and shared:
+        if response_len is None:
+            return Setup(micro_batch=run.batch_size, seq_len=2 * run.max_length - 1, **common)
+        return Setup(micro_batch=run.batch_size, seq_len=run.max_length + response_len,
+                     response_len=2 * response_len, **common)
     rows = run.batch_size * (2 if run.objective in ("dpo", "ipo") else 1)
     return Setup(micro_batch=rows, seq_len=run.max_length, response_len=response_len, **common)
 

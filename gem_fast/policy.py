@@ -18,6 +18,7 @@ from gem_fast.data import EncodedBatch, PreferencePair
 from gem_fast.integrations import output_head
 from gem_fast.kernels import weighted_logprob_loss
 from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_targets
+from gem_fast.prefix_sharing import pack_groups, packed_response_hidden
 from gem_fast.sampling import GroupSample, sample_group
 
 __all__ = ["MicroBatch", "StepBatches", "PairLoss", "PolicyLoss"]
@@ -39,10 +40,11 @@ StepBatches = tuple[list[MicroBatch], dict[str, torch.Tensor]]
 
 
 class PairLoss(Protocol):
-    """Mean loss over the n pairs of ``batch`` (2n rows, chosen first) given their reference log-probs."""
+    """Mean loss over the n pairs of ``batch`` (2n rows, chosen first) given their reference log-probs;
+    ``prefix_sharing``: each pair's prompt computed once (:mod:`gem_fast.prefix_sharing`)."""
 
     def __call__(self, model: nn.Module, batch: EncodedBatch, reference: PairLogprobs, *,
-                 backend: str) -> torch.Tensor: ...
+                 backend: str, prefix_sharing: bool) -> torch.Tensor: ...
 
 
 class PolicyLoss(nn.Module):
@@ -51,16 +53,19 @@ class PolicyLoss(nn.Module):
     ``-Σ_t w_t·log π(y_t)`` with per-token weights, or ``pair_loss`` (an objective's, e.g. DPO's)
     when reference log-probs are given. Computing the loss here, not in a helper outside
     ``forward``, keeps FSDP2's gathered ``lm_head.weight`` in scope (a side method would see the
-    sharded DTensor).
+    sharded DTensor). ``prefix_sharing``: rows that share a prompt run as one packed row, the prompt
+    computed once (:mod:`gem_fast.prefix_sharing`; SEGA's k candidates, a pair's two responses).
     """
 
     fsdp_forward_methods = ("sample", "pair_logprobs")  # gather like forward (gem_fast.distributed.parallelize)
 
-    def __init__(self, model: nn.Module, *, backend: str = "auto", pair_loss: PairLoss | None = None) -> None:
+    def __init__(self, model: nn.Module, *, backend: str = "auto", pair_loss: PairLoss | None = None,
+                 prefix_sharing: bool = False) -> None:
         super().__init__()
         self.model = model
         self.backend = backend
         self.pair_loss = pair_loss
+        self.prefix_sharing = prefix_sharing
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
@@ -72,14 +77,17 @@ class PolicyLoss(nn.Module):
         if reference is not None:
             if self.pair_loss is None:
                 raise ValueError("reference log-probs given to a PolicyLoss without a pair_loss")
-            return self.pair_loss(self.model, batch, reference, backend=self.backend)
+            return self.pair_loss(self.model, batch, reference, backend=self.backend,
+                                  prefix_sharing=self.prefix_sharing)
         head = output_head(self.model)
-        hidden = response_hidden(self.model, batch)
-        return weighted_logprob_loss(
-            hidden, head.weight, response_targets(batch), token_weights, bias=head.bias,
-            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX,
-            backend=self.backend, drop_ignored_rows=True,
-        )
+        kernel_args = dict(bias=head.bias, logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
+                           ignore_index=IGNORE_INDEX, backend=self.backend)
+        if self.prefix_sharing:
+            packed = pack_groups(batch)
+            return weighted_logprob_loss(packed_response_hidden(self.model, packed), head.weight, packed.targets,
+                                         token_weights.reshape(-1)[packed.source], **kernel_args)
+        return weighted_logprob_loss(response_hidden(self.model, batch), head.weight, response_targets(batch),
+                                     token_weights, drop_ignored_rows=True, **kernel_args)
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:
         """:func:`gem_fast.sampling.sample_group` on the wrapped model with this policy's kernel backend;

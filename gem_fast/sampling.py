@@ -321,7 +321,7 @@ def _attention_routed_to(decoder: _SharedPrefixDecoder) -> Iterator[None]:
         _ACTIVE_DECODER.reset(token)
 
 
-def _shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
+def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
     """Why the shared-prefix path cannot run on ``model`` (None when it can)."""
     if AttentionInterface is None:
         return "this transformers has no AttentionInterface"
@@ -341,7 +341,7 @@ def _shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
 def _choose_strategy(model: torch.nn.Module, strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    reason = None if strategy == "expand" else _shared_prefix_unsupported(model)
+    reason = None if strategy == "expand" else shared_prefix_unsupported(model)
     if strategy == "shared_prefix" and reason:
         raise ValueError(f"strategy: 'shared_prefix' is not available: {reason}")
     chosen = "expand" if strategy == "expand" or reason else "shared_prefix"

@@ -44,6 +44,7 @@ from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
 from gem_fast.objectives import make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
+from gem_fast.prefix_sharing import resolve_prefix_sharing
 from gem_fast.reporting import Reporter
 from gem_fast.run_dir import claim_out_dir, file_sha256, open_metrics, run_lock, settings_changes
 
@@ -91,7 +92,8 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
         model.config._attn_implementation, "on" if liger else "off", "on" if parallel.compile_layers else "off",
         global_batch, total_steps,
     )
-    policy = PolicyLoss(model, backend=backend, pair_loss=pair_loss)
+    prefix_sharing = resolve_prefix_sharing(cfg.run.prefix_sharing, model, cfg.run.objective, env.device)
+    policy = PolicyLoss(model, backend=backend, pair_loss=pair_loss, prefix_sharing=prefix_sharing)
     parallelize(policy, activation_checkpointing=parallel.activation_checkpointing, sharded=env.sharded,
                 device=env.device, compile_layers=parallel.compile_layers)
     if weights is not None:

@@ -79,6 +79,9 @@ def test_dry_run_results_hold_every_stage_rows_and_tables(dry_run):
     assert {r["method"] for r in stages["sampling"]["rows"]} == {"hf_generate", "expand", "shared_prefix"}
     assert [r["step"] for r in stages["sega"]["rows"]] == [1, 2]
     assert all(r["loss"] == r["loss"] for r in stages["sega"]["rows"])  # not NaN
+    prefix = {r["layout"]: r for r in stages["sega_prefix"]["rows"]}
+    assert prefix["shared"]["tokens"] < prefix["repeated"]["tokens"]
+    assert stages["sega_prefix"]["meta"]["max_rel_grad_diff"] <= 1e-4  # fp32 in the dry run
     marked = {r["test"] for r in stages["cuda_tests"]["rows"] if r["run"] == "marked cuda"}
     assert "tests.test_cuda_steps::test_bf16_sft_steps_on_cuda_start_at_the_fp32_cpu_loss" in marked
 

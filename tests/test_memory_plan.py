@@ -172,8 +172,13 @@ def test_activation_checkpointing_and_fused_loss_lower_the_peak():
 
 def test_sega_yaml_setup_and_its_8b_prediction():
     config = TrainConfig.from_flat(read_yaml(SEGA_8B_YAML))
-    setup = setup_from_train_config(config, world_size=8, loss="fused", device="cuda")
+    shared = setup_from_train_config(config, world_size=8, loss="fused", device="cuda")
+    assert (shared.micro_batch, shared.seq_len, shared.response_len) == (2, 1024 + 5 * 256, 5 * 256)
+    setup = setup_from_train_config(config.replace(prefix_sharing="off"), world_size=8, loss="fused", device="cuda")
     assert (setup.micro_batch, setup.seq_len, setup.response_len) == (10, 1280, 256)
+    # One packed row per prompt: 2,304 tokens through the decoder instead of 6,400, and less saved.
+    assert plan_memory(LLAMA3_8B, shared).phase("end of forward (loss)").bytes < plan_memory(
+        LLAMA3_8B, setup).phase("end of forward (loss)").bytes
     assert setup.sampling == Sampling(prompts=2, k=5, prompt_len=1024, new_tokens=256)
     assert setup.activation_checkpointing
     fused = plan_memory(LLAMA3_8B, setup)
@@ -220,11 +225,14 @@ def test_cli_reads_the_training_yaml_and_flags_win(capsys):
     cli = _cli()
     assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused"]) == 0
     out = capsys.readouterr().out
-    assert "10 rows × 1280 tokens" in out and "2 prompts × k=5" in out
-    assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--k", "8"]) == 0
+    assert "2 rows × 2304 tokens" in out and "2 prompts × k=5" in out  # prefix sharing: P + k·R per prompt
+    repeated = ["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--prefix_sharing", "off"]
+    assert cli.main(repeated) == 0
+    assert "10 rows × 1280 tokens" in capsys.readouterr().out
+    assert cli.main([*repeated, "--k", "8"]) == 0
     assert "16 rows × 1280 tokens" in capsys.readouterr().out
     # The training config's names work as well as the planner's older ones (batch_size = micro_batch).
-    assert cli.main(["--config", str(SEGA_8B_YAML), "--world_size", "8", "--loss", "fused", "--batch_size", "1"]) == 0
+    assert cli.main([*repeated, "--batch_size", "1"]) == 0
     assert "5 rows × 1280 tokens" in capsys.readouterr().out
 
 

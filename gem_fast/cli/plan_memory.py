@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen_max_new_tokens", type=int, help="SEGA tokens generated per candidate")
     parser.add_argument("--objective", choices=("sft", "sega", "dpo", "ipo"), help="default: the YAML's, else sft "
                                                                                     "(sega with --k)")
+    parser.add_argument("--prefix_sharing", choices=("auto", "on", "off"),
+                        help="SEGA/DPO/IPO: one packed row per prompt unless off (default: the YAML's, else auto)")
     add_debug_flag(parser)
     return parser
 
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     config: dict = {}
     if args.config is not None:
         config = read_yaml(args.config)  # UsageError naming the file (and line)
-    flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing")
+    flags = ("batch_size", "max_length", "k", "objective", "gen_max_new_tokens", "activation_checkpointing",
+             "prefix_sharing")
     config.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
     losses = ("naive", "fused") if args.loss == "both" else (args.loss,)
     try:

@@ -78,9 +78,11 @@ def preference_loss(
     beta: float = 0.1,
     length_normalize: bool = False,
     backend: str = "auto",
+    prefix_sharing: bool = False,
 ) -> torch.Tensor:
     """DPO or IPO loss of ``model`` on ``batch``: 2n rows from :func:`gem_fast.data.encode_pairs`
-    (chosen rows first), ``reference`` the reference model's log-probs of the same n pairs."""
+    (chosen rows first), ``reference`` the reference model's log-probs of the same n pairs;
+    ``prefix_sharing``: each pair's prompt computed once (:func:`gem_fast.logprobs.sequence_logprobs`)."""
     loss_fn = {"dpo": dpo_loss, "ipo": ipo_loss}.get(kind)
     if loss_fn is None:
         raise ValueError(f"kind must be 'dpo' or 'ipo', got {kind!r}")
@@ -90,7 +92,8 @@ def preference_loss(
     n = rows // 2
     if reference is None or reference.chosen.shape != (n,):
         raise ValueError(f"reference must hold the reference log-probs of the batch's {n} pairs for {kind!r}")
-    logps = sequence_logprobs(model, batch, length_normalize=length_normalize, backend=backend)
+    logps = sequence_logprobs(model, batch, length_normalize=length_normalize, backend=backend,
+                              prefix_sharing=prefix_sharing)
     ref_chosen, ref_rejected = (t.to(logps.device) for t in reference.values(length_normalize=length_normalize))
     return loss_fn(logps[:n], logps[n:], ref_chosen, ref_rejected, beta=beta)
 
