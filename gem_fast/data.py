@@ -46,6 +46,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     subset: str | None = None
+    answer: str | None = None  # what a correct response states after "Answer:" (the built-in tasks have one)
 
 
 Message = Mapping[str, str]
@@ -144,10 +145,11 @@ def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in _REQUIRED_FIELDS:
                 _check_text(row, field, where)
-            subset = row.get("subset")
-            if subset is not None and not isinstance(subset, str):
-                raise ValueError(f"{where}: field 'subset' must be a string")
-            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], subset))
+            for optional in ("subset", "answer"):
+                if row.get(optional) is not None and not isinstance(row[optional], str):
+                    raise ValueError(f"{where}: field {optional!r} must be a string")
+            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], row.get("subset"),
+                                        row.get("answer")))
     return pairs
 
 

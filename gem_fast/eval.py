@@ -28,6 +28,7 @@ __all__ = [
     "PreferenceAccuracy",
     "implicit_rewards",
     "bootstrap_ci",
+    "paired_bootstrap_ci",
     "accuracy_stats",
     "accuracy_report",
     "evaluate_preference_accuracy",
@@ -58,6 +59,7 @@ class PreferenceAccuracy:
     tie_tolerance: float
     confidence: float
     margins: list[float] = field(repr=False)
+    correct: list[bool] = field(repr=False)  # per pair, in input order: what the accuracy averages
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict."""
@@ -90,7 +92,7 @@ def bootstrap_ci(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``correct`` ([n] bool), seeded."""
+    """Percentile bootstrap interval of the mean of ``correct`` ([n] bool or float), seeded."""
     if not isinstance(correct, torch.Tensor) or correct.dim() != 1 or correct.numel() == 0:
         raise ValueError("correct must be a non-empty 1-D tensor")
     if n_resamples < 1:
@@ -104,6 +106,25 @@ def bootstrap_ci(
     tail = (1 - confidence) / 2
     lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
     return float(lo), float(hi)
+
+
+def _ties(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie_tolerance: float) -> torch.Tensor:
+    """[n] bool: rewards within ``tie_tolerance`` of the larger magnitude (at least 1) of each other."""
+    scale = torch.maximum(r_chosen.abs(), r_rejected.abs()).clamp(min=1.0)
+    return (r_chosen - r_rejected).abs() <= tie_tolerance * scale
+
+
+def paired_bootstrap_ci(
+    correct_a: Sequence[bool], correct_b: Sequence[bool], *, n_resamples: int = 1000, confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Accuracy difference A - B on the same n pairs and its paired percentile bootstrap interval (the pairs
+    resampled together, so what both get right or wrong cancels): ``(difference, low, high)``."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"the two models were scored on {len(correct_a)} and {len(correct_b)} pairs")
+    diff = torch.tensor(correct_a, dtype=torch.float64) - torch.tensor(correct_b, dtype=torch.float64)
+    lo, hi = bootstrap_ci(diff, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    return float(diff.mean()), lo, hi
 
 
 def accuracy_stats(
@@ -120,8 +141,7 @@ def accuracy_stats(
         raise ValueError("r_chosen and r_rejected must be 1-D tensors of the same shape")
     if not tie_tolerance >= 0:
         raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance!r}")
-    scale = torch.maximum(r_chosen.abs(), r_rejected.abs()).clamp(min=1.0)
-    tie = (r_chosen - r_rejected).abs() <= tie_tolerance * scale
+    tie = _ties(r_chosen, r_rejected, tie_tolerance)
     correct = (r_chosen > r_rejected) & ~tie
     lo, hi = bootstrap_ci(correct, n_resamples=n_resamples, confidence=confidence, seed=seed)
     return AccuracyStats(
@@ -164,6 +184,7 @@ def accuracy_report(
         tie_tolerance=tie_tolerance,
         confidence=confidence,
         margins=(r_chosen - r_rejected).tolist(),
+        correct=((r_chosen > r_rejected) & ~_ties(r_chosen, r_rejected, tie_tolerance)).tolist(),
     )
 
 

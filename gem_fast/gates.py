@@ -10,7 +10,8 @@ whether that trust is earned here, before any compute is spent on SEGA:
    correlation between Eq. 1 score and correctness (the task's answer), averaged over the
    groups that hold both a correct and a wrong candidate (in the others it is undefined, and
    SEGA's advantages cannot point at correctness either).
-3. ``truncated_share``: the share of candidates cut off by ``gen_max_new_tokens`` before EOS.
+3. ``truncated_share``: the share of candidates cut off by ``gen_max_new_tokens`` before EOS
+   (``length_p90`` beside it: what a limit keeping about 10 % cut off would be).
 
 :func:`greedy_task_accuracy` is the task's own metric: how often the greedy completion states
 the reference answer.
@@ -48,10 +49,23 @@ class Gates:
     informative_groups: int
     correct_share: float
     truncated_share: float
+    length_p90: float  # tokens per candidate, 90th percentile (a cut-off one counts gen_max_new_tokens)
     candidates: int
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The gates as they are printed before training."""
+        return [
+            f"gate 1, Eq. 1 preference accuracy on {self.pairs} labelled pairs: {100 * self.eq1_pair_accuracy:.1f}% "
+            f"(log pi: {100 * self.logp_pair_accuracy:.1f}%)",
+            f"gate 2, rank correlation of Eq. 1 with correctness: {self.rank_correlation:+.3f} over "
+            f"{self.informative_groups} groups with right and wrong candidates ({100 * self.correct_share:.1f}% of "
+            f"{self.candidates} candidates right)",
+            f"gate 3, candidates cut off by the token limit: {100 * self.truncated_share:.1f}% "
+            f"(90th percentile length {self.length_p90:.0f} tokens)",
+        ]
 
 
 @torch.no_grad()
@@ -127,7 +141,7 @@ def candidate_gates(
                             backend=backend)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    correlations, correct, truncated = [], [], []
+    correlations, correct, truncated, lengths = [], [], [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         out, texts = _sample_answers(
@@ -142,6 +156,7 @@ def candidate_gates(
         correlations += [spearman(s, r) for s, r in zip(scores, right) if 0 < r.sum() < sampling.k]
         correct.append(right.flatten())
         truncated.append(~ended)
+        lengths.append(out.mask.sum(-1).cpu().double())
     correct_all, truncated_all = torch.cat(correct), torch.cat(truncated)
     return Gates(
         eq1_pair_accuracy=float((eq1[:, 0] > eq1[:, 1]).double().mean()),
@@ -151,6 +166,7 @@ def candidate_gates(
         informative_groups=len(correlations),
         correct_share=float(correct_all.mean()),
         truncated_share=float(truncated_all.double().mean()),
+        length_p90=float(torch.quantile(torch.cat(lengths), 0.9)),
         candidates=correct_all.numel(),
     )
 

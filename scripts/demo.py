@@ -1,20 +1,33 @@
 #!/usr/bin/env python
-"""The whole GEM pipeline on the embedded SmolLM2-135M-Instruct, end to end, in one command.
+"""GEM's low-label setting on the embedded SmolLM2-135M-Instruct, end to end, in one command.
 
-    python scripts/demo.py [--out_dir outputs/demo] [--steps 16]
+    python scripts/demo.py [--out_dir outputs/demo] [--task decision] [--labelled 16] [--unlabelled 32]
 
-Stages, each the project's own script in a subprocess (so each has its own wall time and peak
-RSS): preference accuracy of the base model on the held-out arithmetic split; SFT on the
-chosen answers; from the SFT model, SEGA (k sampled candidates per prompt with the prompt's KV
-cache computed once, entropy scoring, group advantages) and, with the same number of steps and
-prompts, DPO; then the accuracy of each. Prints a markdown table and writes it with the raw
-numbers to ``<out_dir>/results.{md,json}``. Uses CUDA when present.
+What GEM is for: few labelled pairs, more unlabelled prompts. SFT and DPO get the ``--labelled``
+pairs of the training split; GEM gets SFT on the same pairs, then SEGA on ``--unlabelled``
+further prompts of the split, prompt-only rows that DPO cannot use. A control run repeats that
+SEGA with each group's advantages shuffled at every step (same seeds, settings and compute), which
+separates learning from Eq. 1's ranking from learning from sampling itself.
+
+Before SEGA trains, the gates (:mod:`gem_fast.gates`) run on the SFT model and the labelled pairs
+only: Eq. 1's preference accuracy, the rank correlation of Eq. 1 with correctness of sampled
+candidates, and the share of candidates cut off by the token limit. The generation limit is
+chosen from them (their 90th percentile length plus a margin); nothing is chosen from held-out
+results. Each model is then scored once on ``--eval_pairs`` held-out pairs: preference accuracy
+(implicit reward log π, bootstrap interval), greedy task accuracy, and paired bootstrap intervals
+of GEM's accuracy minus DPO's, SFT's and the shuffled control's.
+
+Every stage is the project's own script in a subprocess (its wall time and peak RSS are kept).
+Prints the gates and a markdown table and writes them with the raw numbers to
+``<out_dir>/results.{md,json}``. Uses CUDA when present.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -25,11 +38,16 @@ from pathlib import Path
 
 import torch
 
+from gem_fast.eval import paired_bootstrap_ci
+from gem_fast.gates import Gates
 from gem_fast.kernels import resolve_backend
-from gem_fast.ranking import RATING_METHODS
+from gem_fast.synthetic import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN, TEST = ROOT / "data/arith/train.jsonl", ROOT / "data/arith/test.jsonl"
+# Settings fixed in advance, the same for every trained stage where they apply (not tuned on held-out pairs).
+LR = {"sft": 2e-5, "dpo": 5e-6, "gem": 5e-6}
+DPO_BETA = 0.1
+GATE_MAX_NEW_TOKENS = 96  # the gates sample with this limit; SEGA's own is chosen from what they see
 
 
 def run_stage(args: list[str], log_path: Path) -> dict[str, float]:
@@ -47,18 +65,36 @@ def run_stage(args: list[str], log_path: Path) -> dict[str, float]:
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def write_splits(task: str, out: Path, labelled: int, unlabelled: int, eval_pairs: int) -> tuple[Path, Path, Path]:
+    """The labelled pairs, the unlabelled prompts (prompt-only rows) and the held-out pairs, as files in ``out``."""
+    train_rows = (ROOT / "data" / task / "train.jsonl").read_text().splitlines(keepends=True)
+    test_rows = (ROOT / "data" / task / "test.jsonl").read_text().splitlines(keepends=True)
+    if labelled + unlabelled > len(train_rows) or eval_pairs > len(test_rows):
+        raise SystemExit(f"data/{task} has {len(train_rows)} training rows and {len(test_rows)} held-out ones")
+    paths = out / "labelled.jsonl", out / "unlabelled_prompts.jsonl", out / "heldout.jsonl"
+    paths[0].write_text("".join(train_rows[:labelled]))
+    paths[1].write_text("".join(json.dumps({"prompt": json.loads(r)["prompt"]}) + "\n"
+                                for r in train_rows[labelled : labelled + unlabelled]))
+    paths[2].write_text("".join(test_rows[:eval_pairs]))
+    return paths
+
+
+def generation_limit(gates: dict) -> int:
+    """SEGA's gen_max_new_tokens from the gates' sample: its 90th percentile length plus a quarter, a multiple of 8."""
+    return min(GATE_MAX_NEW_TOKENS, 8 * math.ceil(1.25 * gates["length_p90"] / 8))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out_dir", default="outputs/demo")
-    # Sized for 15 minutes on 2 CPU cores, where a forward+backward of the 135M model costs
-    # about 2 s per 100 tokens: the budget buys a few steps, enough to show the pipeline work.
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps of SFT, SEGA and DPO each")
-    parser.add_argument("--prompts_per_step", type=int, default=2)
+    parser.add_argument("--task", choices=TASKS, default="decision", help="built-in task (data/<task>/)")
+    parser.add_argument("--labelled", type=int, default=16, help="labelled pairs: SFT, DPO and the gates use them")
+    parser.add_argument("--unlabelled", type=int, default=32, help="further prompts, unlabelled, for SEGA")
+    parser.add_argument("--epochs", type=int, default=2, help="passes of SFT and DPO over the labelled pairs")
+    parser.add_argument("--batch", type=int, default=2, help="pairs or prompts per optimizer step")
     parser.add_argument("--k", type=int, default=4, help="SEGA candidates per prompt")
-    parser.add_argument("--gen_max_new_tokens", type=int, default=40, help="SEGA candidate length cap")
-    parser.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to evaluate")
-    parser.add_argument("--ranking", choices=RATING_METHODS, default="score",
-                        help="what SEGA's reward mapping receives (train_sega.py --ranking)")
+    parser.add_argument("--eval_pairs", type=int, default=96, help="held-out pairs to evaluate")
+    parser.add_argument("--task_max_new_tokens", type=int, default=64, help="greedy completion limit (task accuracy)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out_dir).resolve()
     if out.exists() and any(out.iterdir()):
@@ -66,66 +102,87 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = resolve_backend("auto", device)
-    # Every trained stage sees the same pairs once: the first steps x prompts_per_step of the
-    # training split (DPO also computes its reference log-probs on exactly these).
-    train_file = out / "train_pairs.jsonl"
-    budget = args.steps * args.prompts_per_step
-    train_file.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:budget]))
-    common = ["--chat_template", "true", "--kernel_backend", backend, "--max_length", "256",
-              "--epochs", "1", "--seed", "0", "--lr_decay", "constant", "--export_hf", "true"]
-    batch = ["--batch_size", str(args.prompts_per_step), "--grad_accum", "1"]
-    stages = {
-        "SFT": ["scripts/train_sft.py", "--train_jsonl", str(train_file), "--out_dir", str(out / "sft"),
-                "--lr", "2e-5", *batch, *common],
-        "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(out / "sft/final"),
-                    "--train_jsonl", str(train_file), "--out_dir", str(out / "dpo"), "--lr", "5e-6",
-                    "--beta", "0.1", *batch, *common],
-        # SEGA's knobs (Eq. 1, rewards, sampler) from its demo YAML; its schedule is replaced by the demo's.
-        "SFT+GEM": ["scripts/train_sega.py", "--config", "configs/sega_demo.yaml",
-                    "--model_name_or_path", str(out / "sft/final"), "--train_jsonl", str(train_file),
-                    "--out_dir", str(out / "gem"), "--lr", "5e-6", "--max_steps", "0", "--warmup_steps", "0",
-                    "--save_every", "0", "--ranking", args.ranking, "--k", str(args.k), "--gen_max_new_tokens", str(args.gen_max_new_tokens),
-                    *batch, *common],
-    }
-    # Each trained stage exports its model to <its out_dir>/final (gem_fast.checkpoint.export_hf).
-    models = {"base (SmolLM2-135M-Instruct)": None, **{name: out / slug / "final" for name, slug in
-                                                       (("SFT", "sft"), ("SFT+DPO", "dpo"), ("SFT+GEM", "gem"))}}
-    rows, t0 = [], time.perf_counter()
+    labelled, prompts, heldout = write_splits(args.task, out, args.labelled, args.unlabelled, args.eval_pairs)
+    t0 = time.perf_counter()
+
+    common = ["--chat_template", "true", "--kernel_backend", backend, "--max_length", "256", "--seed", "0",
+              "--lr_decay", "constant", "--batch_size", str(args.batch), "--grad_accum", "1"]
+    pairs = ["--train_jsonl", str(labelled), "--epochs", str(args.epochs)]
+    sft_model = out / "sft" / "final"
+    train = {"SFT": ["scripts/train_sft.py", *pairs, "--out_dir", str(out / "sft"), "--lr", str(LR["sft"]),
+                     *common],
+             "SFT+DPO": ["scripts/train_sft.py", "--objective", "dpo", "--model_name_or_path", str(sft_model), *pairs,
+                         "--out_dir", str(out / "dpo"), "--lr", str(LR["dpo"]), "--beta", str(DPO_BETA), *common]}
+    costs = {name: run_stage(cmd, out / f"{name.lower().replace('+', '_')}_train.log") for name, cmd in train.items()}
+
+    # The gates: on the SFT model and the labelled pairs only, with SEGA's Eq. 1 settings.
+    sega_cfg = ["--final_span", "marker", "--lambda_fork", "0.4", "--top_m", "0.1"]
+    run_stage(["scripts/gates.py", "--model_name_or_path", str(sft_model), "--train_jsonl", str(labelled),
+               "--chat_template", "--k", str(args.k), "--gen_max_new_tokens", str(GATE_MAX_NEW_TOKENS),
+               "--kernel_backend", backend, "--output_json", str(out / "gates.json"), *sega_cfg], out / "gates.log")
+    gates = json.loads((out / "gates.json").read_text())
+    gen_max_new_tokens = generation_limit(gates)
+    gate_lines = Gates(**{f.name: gates[f.name] for f in dataclasses.fields(Gates)}).lines()
+    print("\n".join(gate_lines), flush=True)
+    print(f"SEGA: gen_max_new_tokens {gen_max_new_tokens} (from the gates' 90th percentile length)", flush=True)
+
+    sega = ["scripts/train_sega.py", "--model_name_or_path", str(sft_model), "--train_jsonl", str(prompts),
+            "--epochs", "1", "--lr", str(LR["gem"]), "--k", str(args.k), "--gen_max_new_tokens",
+            str(gen_max_new_tokens), "--reward_mapping", "zscore", "--log_samples_every", "4", *sega_cfg, *common]
+    costs["SFT+GEM"] = run_stage([*sega, "--out_dir", str(out / "gem")], out / "sft_gem_train.log")
+    costs["SFT+GEM, shuffled A"] = run_stage([*sega, "--out_dir", str(out / "gem_shuffled"),
+                                              "--shuffle_advantages", "true"], out / "sft_gem_shuffled_train.log")
+
+    models = {"base (SmolLM2-135M-Instruct)": None, "SFT": sft_model, "SFT+DPO": out / "dpo" / "final",
+              "SFT+GEM": out / "gem" / "final", "SFT+GEM, shuffled A": out / "gem_shuffled" / "final"}
+    rows = []
     for name, model_dir in models.items():
-        slug = name.split()[0].lower().replace("+", "_")
-        train_cost = run_stage(stages[name], out / f"{slug}_train.log") if name in stages else None
+        slug = name.split()[0].lower().replace("+", "_").replace(",", "") + ("_shuffled" if "shuffled" in name else "")
         report_path = out / f"{slug}_eval.json"
-        eval_args = ["scripts/eval_pref_accuracy.py", "--eval_jsonl", str(TEST), "--beta", "1.0",
-                     "--chat_template", "--limit", str(args.eval_pairs), "--kernel_backend", backend,
-                     "--device", device, "--output_json", str(report_path)]
+        eval_args = ["scripts/eval_pref_accuracy.py", "--eval_jsonl", str(heldout), "--beta", "1.0",
+                     "--chat_template", "--kernel_backend", backend, "--device", device, "--output_json",
+                     str(report_path), "--task_max_new_tokens", str(args.task_max_new_tokens)]
         if model_dir is not None:
             eval_args += ["--model_name_or_path", str(model_dir)]
         eval_cost = run_stage(eval_args, out / f"{slug}_eval.log")
-        overall = json.loads(report_path.read_text())["overall"]
-        rows.append({"model": name, **overall, "train": train_cost, "eval": eval_cost})
-        print(f"  {name}: accuracy {overall['accuracy']:.3f}", flush=True)
+        report = json.loads(report_path.read_text())
+        rows.append({"model": name, **report["overall"], "task_accuracy": report["task_accuracy"],
+                     "correct": report["correct"], "train": costs.get(name), "eval": eval_cost})
+        print(f"  {name}: preference accuracy {report['overall']['accuracy']:.3f}, "
+              f"task accuracy {report['task_accuracy']:.3f}", flush=True)
     total = time.perf_counter() - t0
 
+    by_name = {r["model"]: r for r in rows}
+    differences = {f"GEM - {other}": paired_bootstrap_ci(by_name["SFT+GEM"]["correct"], by_name[other]["correct"])
+                   for other in ("SFT+DPO", "SFT", "SFT+GEM, shuffled A")}
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
-        f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, {args.steps} steps x "
-        f"{args.prompts_per_step} prompts per trained stage (k={args.k}, ranking {args.ranking} for GEM), "
-        f"{args.eval_pairs} held-out pairs, total {total / 60:.1f} min",
+        f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, task `{args.task}`: "
+        f"{args.labelled} labelled pairs (SFT, DPO: {args.epochs} epochs), {args.unlabelled} unlabelled prompts "
+        f"(SEGA, k={args.k}, {gen_max_new_tokens} tokens, zscore advantages), {args.eval_pairs} held-out pairs, "
+        f"total {total / 60:.1f} min",
         "",
-        "| model | pref. accuracy | 95% CI | ties | train time s | train peak RSS MiB | eval time s |",
+        "Gates (SFT model, labelled pairs only):",
+        "",
+        *(f"- {line}" for line in gate_lines),
+        "",
+        "| model | pref. accuracy | 95% CI | task accuracy | train time s | train peak RSS MiB | eval time s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        train = f"{r['train']['seconds']:.0f} | {r['train']['peak_rss_mib']:.0f}" if r["train"] else "– | –"
-        lines.append(
-            f"| {r['model']} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% "
-            f"| {r['ties']} | {train} | {r['eval']['seconds']:.0f} |"
-        )
+        train_cost = f"{r['train']['seconds']:.0f} | {r['train']['peak_rss_mib']:.0f}" if r["train"] else "– | –"
+        lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}% "
+                     f"| {100 * r['task_accuracy']:.1f}% | {train_cost} | {r['eval']['seconds']:.0f} |")
+    lines += ["", "| difference (paired bootstrap, same held-out pairs) | points | 95% CI |", "|---|---|---|"]
+    lines += [f"| {name} | {100 * d:+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} |"
+              for name, (d, lo, hi) in differences.items()]
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(
-        {"device": device_name, "backend": backend, "total_seconds": total, "args": vars(args), "rows": rows},
+        {"device": device_name, "backend": backend, "total_seconds": total, "args": vars(args), "gates": gates,
+         "gen_max_new_tokens": gen_max_new_tokens, "rows": rows,
+         "differences": {k: dict(zip(("difference", "ci_low", "ci_high"), v)) for k, v in differences.items()}},
         indent=2) + "\n")
     return 0
 

@@ -33,18 +33,18 @@ def write_lines(tmp_path, lines: list[str]):
     return path
 
 
-def test_loader_reads_pairs_skips_blank_lines_and_keeps_subset(tmp_path):
+def test_loader_reads_pairs_skips_blank_lines_and_keeps_subset_and_answer(tmp_path):
     path = write_lines(
         tmp_path,
         [
             json.dumps({"prompt": "p1", "chosen": "c1", "rejected": "r1"}),
             "",
-            json.dumps({"prompt": "p2", "chosen": "c2", "rejected": "r2", "subset": "math", "extra": 1}),
+            json.dumps({"prompt": "p2", "chosen": "c2", "rejected": "r2", "subset": "math", "answer": "4", "extra": 1}),
         ],
     )
     assert load_preference_jsonl(path) == [
         PreferencePair("p1", "c1", "r1", None),
-        PreferencePair("p2", "c2", "r2", "math"),
+        PreferencePair("p2", "c2", "r2", "math", "4"),
     ]
     assert load_preference_jsonl(path, limit=1) == [PreferencePair("p1", "c1", "r1", None)]
 
@@ -58,6 +58,7 @@ def test_loader_reads_pairs_skips_blank_lines_and_keeps_subset(tmp_path):
         ('{"prompt": "p", "chosen": 3, "rejected": "r"}', "field 'chosen' must be a string"),
         ('{"prompt": "p", "chosen": "c", "rejected": "  \\n"}', "field 'rejected' is empty"),
         ('{"prompt": "p", "chosen": "c", "rejected": "r", "subset": 1}', "field 'subset' must be a string"),
+        ('{"prompt": "p", "chosen": "c", "rejected": "r", "answer": 4}', "field 'answer' must be a string"),
     ],
 )
 def test_loader_names_file_and_line_of_a_bad_row(tmp_path, bad_line, message):

@@ -17,6 +17,7 @@ from gem_fast.eval import (
     evaluate_preference_accuracy,
     format_table,
     implicit_rewards,
+    paired_bootstrap_ci,
 )
 from gem_fast.logprobs import PairLogprobs
 
@@ -60,6 +61,17 @@ def test_bootstrap_interval_is_seeded_and_sensible():
         bootstrap_ci(torch.zeros(0, dtype=torch.bool))
 
 
+def test_paired_bootstrap_of_an_accuracy_difference():
+    a = [True] * 60 + [False] * 40
+    assert paired_bootstrap_ci(a, a) == (0.0, 0.0, 0.0)  # what both get right or wrong cancels
+    b = [False] * 10 + a[10:]  # A right on 10 more of the same 100 pairs
+    diff, lo, hi = paired_bootstrap_ci(a, b, seed=1)
+    # Per-pair differences are 10 ones and 90 zeros: mean 0.1, standard error 0.03.
+    assert diff == pytest.approx(0.1) and 0.03 < lo < 0.07 and 0.14 < hi < 0.17
+    with pytest.raises(ValueError, match="100 and 99"):
+        paired_bootstrap_ci(a, b[:99])
+
+
 def test_implicit_rewards_with_and_without_reference():
     policy = PairLogprobs(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2]), torch.tensor([3]))
     reference = PairLogprobs(torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([2]), torch.tensor([3]))
@@ -86,6 +98,7 @@ def test_uniform_model_gives_the_known_answer(uniform_model, tok):
     expected = [0.5 * (len(p.rejected) - len(p.chosen)) * log_v for p in PAIRS]
     assert report.margins == pytest.approx(expected, abs=1e-4)
     assert report.overall.accuracy == 0.5 and report.overall.ties == 1
+    assert report.correct == [True, True, False, False]
     assert {k: v.accuracy for k, v in report.per_subset.items()} == {"long": 0.0, "short": 1.0, "tie": 0.0}
     # Per-token means are all -log V: every pair ties, nothing is correct.
     normalized = evaluate_preference_accuracy(uniform_model, tok, PAIRS, length_normalize=True, backend="torch")
@@ -115,6 +128,29 @@ def test_script_prints_a_table_and_writes_json(uniform_model, tok, tmp_path, cap
     assert report["overall"]["accuracy"] == 0.5 and report["overall"]["n"] == 4
     assert report["per_subset"]["short"]["accuracy"] == 1.0
     assert report["beta"] == 1.0 and report["eval_jsonl"] == str(data)
+    assert report["correct"] == [True, True, False, False] and "task_accuracy" not in report
+
+
+def test_script_adds_the_greedy_task_accuracy_of_rows_with_answers(uniform_model, tok, tmp_path, capsys):
+    from gem_fast.cli import eval_pref_accuracy as script
+
+    model_dir = tmp_path / "model"
+    uniform_model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                        "answer": "4"}) + "\n" for p in PAIRS))
+    out = tmp_path / "report.json"
+    argv = ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data), "--n_bootstrap", "10",
+            "--backend", "torch", "--task_max_new_tokens", "4"]
+    assert script.main([*argv, "--output_json", str(out)]) == 0
+    # All-zero logits: greedy decoding repeats token 0 (padding), which states no answer.
+    assert json.loads(out.read_text())["task_accuracy"] == 0.0
+    assert "task accuracy (greedy, 4 tokens at most): 0.0%" in capsys.readouterr().out
+    data.write_text(data.read_text() + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        script.main([*argv, "--output_json", str(tmp_path / "other.json")])
+    assert stop.value.code == 2 and "1 rows of" in capsys.readouterr().err
 
 
 def test_progress_bars_name_what_is_scored(uniform_model, tok, capsys):

@@ -3,6 +3,7 @@ reference, the candidate gates' bookkeeping, greedy completions against Hugging 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -74,3 +75,25 @@ def test_greedy_completions_are_hf_generates_and_accuracy_reads_their_answers(to
     # A random tiny model states no answer: nothing counts, whatever the references say.
     assert [final_answer(t) for t in texts] == [None] * 3
     assert greedy_task_accuracy(model, tok, prompts, ["yes", "no", "yes"], max_new_tokens=6, chat_template=False) == 0
+
+
+def test_gates_script_prints_and_writes_the_gates(tok, tmp_path, capsys):
+    from gem_fast.cli import gates as script
+
+    model_dir = tmp_path / "model"
+    tiny_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({**vars(p), "answer": "yes"}) + "\n" for p in PAIRS))
+    out = tmp_path / "gates.json"
+    argv = ["--model_name_or_path", str(model_dir), "--train_jsonl", str(data), "--k", "2",
+            "--gen_max_new_tokens", "3", "--kernel_backend", "torch"]
+    assert script.main([*argv, "--output_json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gate 1, Eq. 1 preference accuracy on 5 labelled pairs" in printed and "gate 3" in printed
+    written = json.loads(out.read_text())
+    assert written["candidates"] == 10 and written["k"] == 2 and written["length_p90"] <= 3
+    data.write_text(json.dumps(vars(PAIRS[0])) + "\n")  # no answer
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 2 and "each with an 'answer'" in capsys.readouterr().err

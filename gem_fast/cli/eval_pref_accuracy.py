@@ -3,8 +3,10 @@
     python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo/final \
         --eval_jsonl data/pairs.jsonl --beta 1.0
 
-Prints a table (per subset when rows carry "subset", then all pairs) and writes the report,
-per-pair margins included, as JSON: by default beside the evaluated model, as
+Prints a table (per subset when rows carry "subset", then all pairs) and, with
+``--task_max_new_tokens N``, the task accuracy: how often the greedy completion (at most N tokens)
+states the row's ``answer`` after ``Answer:``. Writes the report, per-pair margins and correctness
+included, as JSON: by default beside the evaluated model, as
 ``<model folder>/pref_accuracy-<eval file stem>.json`` (``<file>.pref_accuracy-<stem>.json`` for a
 .gguf file, ``outputs/pref_accuracy/<model>-<stem>.json`` for a Hub id or the embedded SmolLM2). An
 existing report is kept unless --overwrite. Without --model_name_or_path the embedded SmolLM2 runs.
@@ -24,6 +26,7 @@ from gem_fast.data import load_preference_jsonl
 from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
                              user_input, writable_file)
 from gem_fast.eval import evaluate_preference_accuracy, format_table
+from gem_fast.gates import greedy_task_accuracy
 from gem_fast.kernels import BACKENDS
 from gem_fast.models import load_model_and_tokenizer
 
@@ -51,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
                    help="kernel backend (as the training scripts' --kernel_backend)")
+    p.add_argument("--task_max_new_tokens", type=number(int, at_least=0), default=0,
+                   help="also the greedy task accuracy on rows with an 'answer', completions of at most this many "
+                        "tokens (0: off)")
     p.add_argument("--progress", type=parse_bool, default=None, metavar="BOOL",
                    help="progress bars while scoring (default: on a terminal only)")
     p.add_argument("--output_json", default=None,
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = load_preference_jsonl(input_file(args.eval_jsonl, "--eval_jsonl"), limit=args.limit)
     if not pairs:
         raise UsageError(f"--eval_jsonl {args.eval_jsonl}: no pairs to evaluate")
+    if args.task_max_new_tokens and (missing := sum(p.answer is None for p in pairs)):
+        raise UsageError(f"--task_max_new_tokens: {missing} rows of {args.eval_jsonl} have no 'answer' field")
     out = writable_file(args.output_json or default_output(args.model_name_or_path, args.eval_jsonl),
                         "--output_json", overwrite=args.overwrite)
     dtype = _DTYPES[args.dtype]
@@ -106,12 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         progress=args.progress,
     )
     print(format_table(report))
+    task = {}
+    if args.task_max_new_tokens:
+        task["task_accuracy"] = greedy_task_accuracy(
+            model, tokenizer, [p.prompt for p in pairs], [p.answer for p in pairs],
+            max_new_tokens=args.task_max_new_tokens, chat_template=args.chat_template, max_length=args.max_length)
+        print(f"task accuracy (greedy, {args.task_max_new_tokens} tokens at most): {100 * task['task_accuracy']:.1f}%")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model_name_or_path": args.model_name_or_path,
         "ref_model_name_or_path": args.ref_model_name_or_path,
         "eval_jsonl": str(args.eval_jsonl),
         **report.to_dict(),
+        **task,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -1,0 +1,84 @@
+"""The gates before SEGA: whether Eq. 1 can guide it on a task, measured on labelled training rows.
+
+    python scripts/gates.py --model_name_or_path outputs/sft/final --train_jsonl data/decision/train.jsonl \
+        --limit 16 --chat_template --k 4 --gen_max_new_tokens 96 --final_span marker
+
+Rows are preference pairs with an ``answer`` (what a correct response states after ``Answer:``).
+Prints the three gates of :mod:`gem_fast.gates` (Eq. 1's preference accuracy beside log π's,
+the rank correlation of Eq. 1 with correctness over k sampled candidates per prompt, the share
+cut off by the token limit) and writes them as JSON (``--output_json``). The sampling and Eq. 1
+flags mean what they mean for ``train_sega.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+import torch
+
+from gem_fast.config import SamplingConfig, SegaConfig
+from gem_fast.data import load_preference_jsonl
+from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
+                             user_input, writable_file)
+from gem_fast.gates import candidate_gates
+from gem_fast.kernels import BACKENDS
+from gem_fast.models import load_model_and_tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_name_or_path", default=None, help="HF folder, .gguf file or Hub id (default: embedded "
+                                                              "SmolLM2)")
+    p.add_argument("--train_jsonl", required=True, help='JSONL of {"prompt", "chosen", "rejected", "answer"}')
+    p.add_argument("--limit", type=number(int, at_least=1), default=None, help="the first N rows only")
+    p.add_argument("--chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--max_length", type=number(int, at_least=2), default=512, help="tokens per prompt+response row")
+    p.add_argument("--k", type=number(int, at_least=2), default=SamplingConfig.k, help="candidates per prompt")
+    p.add_argument("--gen_max_new_tokens", type=number(int, at_least=1), default=SamplingConfig.gen_max_new_tokens,
+                   help="tokens per candidate at most")
+    p.add_argument("--temperature", type=number(float, at_least=0), default=SamplingConfig.temperature)
+    p.add_argument("--top_p", type=number(float, above=0), default=SamplingConfig.top_p)
+    for name in ("final_span", "lambda_fork", "top_m", "final_fraction"):
+        default = getattr(SegaConfig, name)
+        hint = typing.get_type_hints(SegaConfig)[name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        p.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help="as train_sega.py's")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--kernel_backend", default="auto", choices=BACKENDS)
+    p.add_argument("--output_json", default=None, help="where the gates go as JSON (default: not written)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_json")
+    add_debug_flag(p)
+    return p.parse_args(argv)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_model_source(args.model_name_or_path, "--model_name_or_path")
+    with user_input():
+        pairs = load_preference_jsonl(input_file(args.train_jsonl, "--train_jsonl"), limit=args.limit)
+    if not pairs or any(p.answer is None for p in pairs):
+        raise UsageError(f"--train_jsonl {args.train_jsonl}: gates need rows, each with an 'answer'")
+    out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
+    sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p)
+    sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
+                      final_fraction=args.final_fraction)
+    with torch.no_grad():
+        gates = candidate_gates(model.eval(), tokenizer, pairs, [p.answer for p in pairs], sampling, sega,
+                                chat_template=args.chat_template, max_length=args.max_length, seed=args.seed,
+                                backend=args.kernel_backend)
+    print("\n".join(gates.lines()))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**vars(args), **gates.to_dict()}, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
