@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, task `{args.task}`: "
-        f"{args.labelled} labelled pairs (SFT, DPO: {args.epochs} epochs), {args.unlabelled} unlabelled prompts "
+        f"{args.labelled} labelled pairs (SFT, DPO; epochs {args.epochs}), {args.unlabelled} unlabelled prompts "
         f"(SEGA, k={args.k}, {gen_max_new_tokens} tokens, zscore advantages), {args.eval_pairs} held-out pairs, "
         f"total {total / 60:.1f} min",
         "",
