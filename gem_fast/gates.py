@@ -62,7 +62,8 @@ class Gates:
             f"(log pi: {100 * self.logp_pair_accuracy:.1f}%)",
             f"gate 2, rank correlation of Eq. 1 with correctness: {self.rank_correlation:+.3f} over "
             f"{self.informative_groups} groups with right and wrong candidates ({100 * self.correct_share:.1f}% of "
-            f"{self.candidates} candidates right)",
+            f"{self.candidates} candidates right)" if self.correct_share == self.correct_share else
+            "gate 2, rank correlation of Eq. 1 with correctness: not measured (rows without an 'answer')",
             f"gate 3, candidates cut off by the token limit: {100 * self.truncated_share:.1f}% "
             f"(90th percentile length {self.length_p90:.0f} tokens)",
         ]
@@ -129,14 +130,15 @@ def _sample_answers(
 
 
 def candidate_gates(
-    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], answers: Sequence[str],
-    sampling: SamplingConfig, sega: SegaConfig, *, chat_template: bool, max_length: int = 1024,
-    batch_size: int = 4, seed: int = 0, backend: str = "auto",
+    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], sampling: SamplingConfig,
+    sega: SegaConfig, *, chat_template: bool, max_length: int = 1024, batch_size: int = 4, seed: int = 0,
+    backend: str = "auto",
 ) -> Gates:
-    """All three gates on labelled ``pairs`` whose correct final answers are ``answers``; the candidates
-    are drawn as SEGA draws them (``sampling``: k, length, temperature, top-p) and scored by ``sega``."""
-    if len(pairs) != len(answers):
-        raise ValueError(f"{len(pairs)} pairs but {len(answers)} answers")
+    """The gates on labelled ``pairs``; the candidates are drawn as SEGA draws them (``sampling``: k, length,
+    temperature, top-p) and scored by ``sega``. Gate 2 needs every pair's ``answer`` (the built-in tasks have
+    one, human preference sets do not): without, its figures are nan and 0."""
+    answers = [p.answer for p in pairs]
+    checkable = all(a is not None for a in answers)
     eq1, logp = pair_scores(model, tokenizer, pairs, sega, chat_template=chat_template, max_length=max_length,
                             backend=backend)
     device = next(model.parameters()).device
@@ -150,24 +152,25 @@ def candidate_gates(
             max_length=max_length, generator=generator)
         scores = entropy_score(out.token_entropy, answer_span(sega, out.sequences, out.mask, tokenizer), out.mask,
                                lambda_fork=sega.lambda_fork, top_m=sega.top_m).view(len(chunk), sampling.k).cpu()
-        right = torch.tensor([final_answer(t) == answers[start + i // sampling.k] for i, t in enumerate(texts)],
-                             dtype=torch.float64).view(len(chunk), sampling.k)
         ended = ((out.sequences == tokenizer.eos_token_id) & out.mask).any(-1).cpu()
-        correlations += [spearman(s, r) for s, r in zip(scores, right) if 0 < r.sum() < sampling.k]
-        correct.append(right.flatten())
+        if checkable:
+            right = torch.tensor([final_answer(t) == answers[start + i // sampling.k] for i, t in enumerate(texts)],
+                                 dtype=torch.float64).view(len(chunk), sampling.k)
+            correlations += [spearman(s, r) for s, r in zip(scores, right) if 0 < r.sum() < sampling.k]
+            correct.append(right.flatten())
         truncated.append(~ended)
         lengths.append(out.mask.sum(-1).cpu().double())
-    correct_all, truncated_all = torch.cat(correct), torch.cat(truncated)
+    truncated_all = torch.cat(truncated)
     return Gates(
         eq1_pair_accuracy=float((eq1[:, 0] > eq1[:, 1]).double().mean()),
         logp_pair_accuracy=float((logp[:, 0] > logp[:, 1]).double().mean()),
         pairs=len(pairs),
         rank_correlation=float(torch.tensor(correlations).mean()) if correlations else float("nan"),
         informative_groups=len(correlations),
-        correct_share=float(correct_all.mean()),
+        correct_share=float(torch.cat(correct).mean()) if checkable else float("nan"),
         truncated_share=float(truncated_all.double().mean()),
         length_p90=float(torch.quantile(torch.cat(lengths), 0.9)),
-        candidates=correct_all.numel(),
+        candidates=truncated_all.numel(),
     )
 
 

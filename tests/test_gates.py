@@ -3,6 +3,7 @@ reference, the candidate gates' bookkeeping, greedy completions against Hugging 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -50,8 +51,8 @@ def test_candidate_gates_count_what_they_report(tok):
     model = tiny_model(tok)
     sampling = SamplingConfig(k=3, gen_max_new_tokens=5)
     sega = SegaConfig(final_span="marker")
-    gates = candidate_gates(model, tok, PAIRS, ["yes"] * len(PAIRS), sampling, sega, chat_template=False,
-                            batch_size=2, backend="torch")
+    answered = [dataclasses.replace(p, answer="yes") for p in PAIRS]
+    gates = candidate_gates(model, tok, answered, sampling, sega, chat_template=False, batch_size=2, backend="torch")
     eq1, logp = pair_scores(model, tok, PAIRS, sega, chat_template=False, backend="torch")
     assert gates.eq1_pair_accuracy == pytest.approx(float((eq1[:, 0] > eq1[:, 1]).double().mean()))
     assert gates.logp_pair_accuracy == pytest.approx(float((logp[:, 0] > logp[:, 1]).double().mean()))
@@ -59,6 +60,9 @@ def test_candidate_gates_count_what_they_report(tok):
     # A random tiny model stops within 5 tokens only if it draws EOS; it never writes "Answer: yes".
     assert gates.correct_share == 0.0 and gates.informative_groups == 0 and math.isnan(gates.rank_correlation)
     assert 0.5 < gates.truncated_share <= 1.0
+    unchecked = candidate_gates(model, tok, PAIRS, sampling, sega, chat_template=False, batch_size=2, backend="torch")
+    assert math.isnan(unchecked.correct_share) and "not measured" in unchecked.lines()[1]
+    assert unchecked.truncated_share == gates.truncated_share  # the same seed draws the same candidates
 
 
 def test_greedy_completions_are_hf_generates_and_accuracy_reads_their_answers(tok):
@@ -93,7 +97,7 @@ def test_gates_script_prints_and_writes_the_gates(tok, tmp_path, capsys):
     assert "gate 1, Eq. 1 preference accuracy on 5 labelled pairs" in printed and "gate 3" in printed
     written = json.loads(out.read_text())
     assert written["candidates"] == 10 and written["k"] == 2 and written["length_p90"] <= 3
-    data.write_text(json.dumps(vars(PAIRS[0])) + "\n")  # no answer
+    data.write_text("")
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
-    assert stop.value.code == 2 and "each with an 'answer'" in capsys.readouterr().err
+    assert stop.value.code == 2 and "no rows" in capsys.readouterr().err

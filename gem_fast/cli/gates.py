@@ -3,7 +3,8 @@
     python scripts/gates.py --model_name_or_path outputs/sft/final --train_jsonl data/decision/train.jsonl \
         --limit 16 --chat_template --k 4 --gen_max_new_tokens 96 --final_span marker
 
-Rows are preference pairs with an ``answer`` (what a correct response states after ``Answer:``).
+Rows are preference pairs; gate 2 needs each to hold an ``answer`` (what a correct response states
+after ``Answer:``, as the built-in tasks do) and is skipped otherwise.
 Prints the three gates of :mod:`gem_fast.gates` (Eq. 1's preference accuracy beside log π's,
 the rank correlation of Eq. 1 with correctness over k sampled candidates per prompt, the share
 cut off by the token limit) and writes them as JSON (``--output_json``). The sampling and Eq. 1
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     check_model_source(args.model_name_or_path, "--model_name_or_path")
     with user_input():
         pairs = load_preference_jsonl(input_file(args.train_jsonl, "--train_jsonl"), limit=args.limit)
-    if not pairs or any(p.answer is None for p in pairs):
-        raise UsageError(f"--train_jsonl {args.train_jsonl}: gates need rows, each with an 'answer'")
+    if not pairs:
+        raise UsageError(f"--train_jsonl {args.train_jsonl}: no rows")
     out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
     sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
                       final_fraction=args.final_fraction)
     with torch.no_grad():
-        gates = candidate_gates(model.eval(), tokenizer, pairs, [p.answer for p in pairs], sampling, sega,
+        gates = candidate_gates(model.eval(), tokenizer, pairs, sampling, sega,
                                 chat_template=args.chat_template, max_length=args.max_length, seed=args.seed,
                                 backend=args.kernel_backend)
     print("\n".join(gates.lines()))
