@@ -30,7 +30,7 @@ from gem_fast.gates import greedy_task_accuracy
 from gem_fast.kernels import BACKENDS
 from gem_fast.models import load_model_and_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_bootstrap", type=number(int, at_least=1), default=1000,
                    help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernel_backend", "--backend", dest="backend", default="auto", choices=BACKENDS,
                    help="kernel backend (as the training scripts' --kernel_backend)")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--task_max_new_tokens: {missing} rows of {args.eval_jsonl} have no 'answer' field")
     out = writable_file(args.output_json or default_output(args.model_name_or_path, args.eval_jsonl),
                         "--output_json", overwrite=args.overwrite)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=dtype, device=args.device)
     ref_model = None
     if args.ref_model_name_or_path is not None:

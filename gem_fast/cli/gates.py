@@ -25,6 +25,7 @@ from gem_fast.data import load_preference_jsonl
 from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
                              user_input, writable_file)
 from gem_fast.gates import candidate_gates
+from gem_fast.cli.eval_pref_accuracy import DTYPES
 from gem_fast.kernels import BACKENDS
 from gem_fast.models import load_model_and_tokenizer
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         p.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help="as train_sega.py's")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernel_backend", default="auto", choices=BACKENDS)
     p.add_argument("--output_json", default=None, help="where the gates go as JSON (default: not written)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_json")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         raise UsageError(f"--train_jsonl {args.train_jsonl}: no rows")
     out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=DTYPES[args.dtype], device=args.device)
     sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p)
     sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
