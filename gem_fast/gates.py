@@ -176,7 +176,7 @@ def candidate_gates(
 
 def greedy_completions(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, chat_template: bool,
-    max_length: int = 1024, batch_size: int = 16,
+    max_length: int = 1024, batch_size: int = 32,
 ) -> list[str]:
     """The greedy (argmax) completion of each prompt, decoded without special tokens; batched."""
     texts: list[str] = []
@@ -189,7 +189,7 @@ def greedy_completions(
 
 def greedy_task_accuracy(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
-    max_new_tokens: int, chat_template: bool, max_length: int = 1024, batch_size: int = 16,
+    max_new_tokens: int, chat_template: bool, max_length: int = 1024, batch_size: int = 32,
 ) -> float:
     """Share of ``prompts`` whose greedy completion states the reference answer after its last ``Answer:``."""
     if len(prompts) != len(answers):

@@ -10,6 +10,7 @@ right-padded batches give the same numbers. The ``[tokens, vocab]`` logits are n
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,7 +20,9 @@ from tqdm.auto import tqdm
 from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
 from gem_fast.integrations import output_head
 from gem_fast.kernels import fused_logprob_entropy
-from gem_fast.prefix_sharing import pack_groups, packed_response_hidden
+from gem_fast.prefix_sharing import pack_groups, packed_response_hidden, prefix_sharing_unsupported
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -118,24 +121,33 @@ def pair_logprobs(
     backend: str = "auto",
     progress: bool | None = False,
     desc: str = "pair log-probs",
+    prefix_sharing: bool | None = None,
 ) -> PairLogprobs:
     """log π(chosen | prompt) and log π(rejected | prompt) of every pair, on the CPU.
 
     Runs without gradients in batches of ``batch_size`` pairs (chosen and rejected share one
     forward); used for evaluation and to compute a reference model's log-probs once.
-    ``progress``: a tqdm bar ``desc`` over the pairs (None: only on a TTY).
+    ``prefix_sharing``: each pair's prompt computed once, its two responses packed after it
+    (:mod:`gem_fast.prefix_sharing`; the same numbers up to float rounding); None: where the model's
+    attention takes that layout (which ran is logged). ``progress``: a tqdm bar ``desc`` over the
+    pairs (None: only on a TTY).
     """
     if not pairs:
         raise ValueError("pairs is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    if prefix_sharing is None:
+        reason = prefix_sharing_unsupported(model, device)
+        prefix_sharing = reason is None
+        logger.info("%s: %s", desc, "each prompt computed once for both responses" if prefix_sharing
+                    else f"prompts repeated ({reason})")
     sums, counts = [], []
     with tqdm(total=len(pairs), desc=desc, unit="pair", disable=None if progress is None else not progress) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = encode_pairs(tokenizer, chunk, max_length=max_length, chat_template=chat_template).to(device)
-            sums.append(sequence_logprobs(model, batch, backend=backend).cpu())
+            sums.append(sequence_logprobs(model, batch, backend=backend, prefix_sharing=prefix_sharing).cpu())
             counts.append(batch.response_mask[:, 1:].sum(-1).cpu())
             bar.update(len(chunk))
     # Each chunk holds its chosen rows first, then its rejected rows (encode_pairs).

@@ -59,18 +59,22 @@ def test_backends_agree_and_gradients_reach_the_model(model, tok):
     model.zero_grad()
 
 
-def test_pair_logprobs_orders_sides_and_counts_tokens_whatever_the_batch_size(model, tok):
+def test_pair_logprobs_orders_sides_and_counts_tokens_whatever_the_batch_size_and_layout(model, tok, caplog):
     pairs = [PreferencePair(p, r, r[::-1]) for p, r in zip(PROMPTS, RESPONSES)]
     one = pair_logprobs(model, tok, pairs, batch_size=1, backend="torch")
-    two = pair_logprobs(model, tok, pairs, batch_size=2, backend="torch")
+    two = pair_logprobs(model, tok, pairs, batch_size=2, backend="torch")  # prompts shared: the tiny Llama runs sdpa
+    repeated = pair_logprobs(model, tok, pairs, batch_size=2, backend="torch", prefix_sharing=False)
     expected_chosen = full_logits_reference(model, tok, PROMPTS, RESPONSES)
     expected_rejected = full_logits_reference(model, tok, PROMPTS, [r[::-1] for r in RESPONSES])
-    for got in (one, two):
+    for got in (one, two, repeated):
         assert torch.allclose(got.chosen, expected_chosen, atol=1e-4)
         assert torch.allclose(got.rejected, expected_rejected, atol=1e-4)
         assert got.chosen_tokens.tolist() == [3, 13, 3]
     encoded = encode_pairs(tok, pairs)
     assert encoded.response_mask.sum(-1).tolist() == [3, 13, 3] * 2
+    with caplog.at_level("INFO", logger="gem_fast.logprobs"):
+        pair_logprobs(model, tok, pairs, backend="torch")
+    assert "each prompt computed once" in caplog.text
 
 
 def test_pair_logprobs_values_and_select():
