@@ -108,10 +108,13 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def _ties(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie_tolerance: float) -> torch.Tensor:
-    """[n] bool: rewards within ``tie_tolerance`` of the larger magnitude (at least 1) of each other."""
+def _ties_and_correct(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie_tolerance: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [n] bool: rewards within ``tie_tolerance`` of the larger magnitude (at least 1) of each other,
+    and pairs whose chosen reward is higher without a tie."""
     scale = torch.maximum(r_chosen.abs(), r_rejected.abs()).clamp(min=1.0)
-    return (r_chosen - r_rejected).abs() <= tie_tolerance * scale
+    tie = (r_chosen - r_rejected).abs() <= tie_tolerance * scale
+    return tie, (r_chosen > r_rejected) & ~tie
 
 
 def paired_bootstrap_ci(
@@ -141,8 +144,7 @@ def accuracy_stats(
         raise ValueError("r_chosen and r_rejected must be 1-D tensors of the same shape")
     if not tie_tolerance >= 0:
         raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance!r}")
-    tie = _ties(r_chosen, r_rejected, tie_tolerance)
-    correct = (r_chosen > r_rejected) & ~tie
+    tie, correct = _ties_and_correct(r_chosen, r_rejected, tie_tolerance)
     lo, hi = bootstrap_ci(correct, n_resamples=n_resamples, confidence=confidence, seed=seed)
     return AccuracyStats(
         accuracy=float(correct.double().mean()),
@@ -184,7 +186,7 @@ def accuracy_report(
         tie_tolerance=tie_tolerance,
         confidence=confidence,
         margins=(r_chosen - r_rejected).tolist(),
-        correct=((r_chosen > r_rejected) & ~_ties(r_chosen, r_rejected, tie_tolerance)).tolist(),
+        correct=_ties_and_correct(r_chosen, r_rejected, tie_tolerance)[1].tolist(),
     )
 
 

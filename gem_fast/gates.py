@@ -19,6 +19,7 @@ the reference answer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,7 +63,7 @@ class Gates:
             f"(log pi: {100 * self.logp_pair_accuracy:.1f}%)",
             f"gate 2, rank correlation of Eq. 1 with correctness: {self.rank_correlation:+.3f} over "
             f"{self.informative_groups} groups with right and wrong candidates ({100 * self.correct_share:.1f}% of "
-            f"{self.candidates} candidates right)" if self.correct_share == self.correct_share else
+            f"{self.candidates} candidates right)" if not math.isnan(self.correct_share) else
             "gate 2, rank correlation of Eq. 1 with correctness: not measured (rows without an 'answer')",
             f"gate 3, candidates cut off by the token limit: {100 * self.truncated_share:.1f}% "
             f"(90th percentile length {self.length_p90:.0f} tokens)",

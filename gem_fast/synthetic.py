@@ -23,8 +23,7 @@ import random
 from pathlib import Path
 from typing import Callable, Literal
 
-__all__ = ["ANSWER_MARKER", "TASKS", "arithmetic_pairs", "decision_pairs", "task_pairs", "final_answer",
-           "write_task_splits"]
+__all__ = ["ANSWER_MARKER", "TASKS", "task_pairs", "final_answer", "write_task_splits"]
 
 ANSWER_MARKER = "Answer:"
 TASKS = ("arith", "decision")
@@ -152,16 +151,6 @@ def task_pairs(task: Task, n: int, *, seed: int = 0) -> list[Row]:
         row = _PROBLEMS[task](rng)
         rows.setdefault(row["prompt"], row)
     return list(rows.values())
-
-
-def arithmetic_pairs(n: int, *, seed: int = 0) -> list[Row]:
-    """``n`` rows of the ``arith`` task."""
-    return task_pairs("arith", n, seed=seed)
-
-
-def decision_pairs(n: int, *, seed: int = 0) -> list[Row]:
-    """``n`` rows of the ``decision`` task."""
-    return task_pairs("decision", n, seed=seed)
 
 
 def final_answer(response: str) -> str | None:
