@@ -2,85 +2,144 @@
 log-probs and entropy instead of logits.
 
     from gem_fast.integrations import patch_causal_lm
-    patch_causal_lm(model)                       # before or after FSDP2 fully_shard
+    patch_causal_lm(model)                       # before or after FSDP2 fully_shard, on every rank
     out = model(input_ids=ids, attention_mask=mask, logprob_targets=targets, temperature=0.7)
     out.logprobs, out.entropy                    # [B, L] float32, 0 where targets == -100
 
 ``targets[:, t]`` is the token whose log-prob the hidden state at position t gives (the next
-token: ``targets = ids[:, 1:]`` padded with -100 at the end, response positions only). The
-computation runs inside the model's own ``forward``, so under FSDP2 the LM head (tied to the
-embeddings or not) is the gathered tensor, and the output is a ``ModelOutput`` whose tensors
-FSDP2's backward hooks find. Logit soft-capping (Gemma-2/3 ``final_logit_softcapping``) and
-scale (Cohere ``logit_scale``) are read from the model's config. Calls without
-``logprob_targets`` run the original forward.
+token: ``targets = ids[:, 1:]`` padded with -100 at the end, response positions only).
+
+How: a call with ``logprob_targets`` runs the forward that was there before the patch (with
+whatever wraps it: accelerate's hooks, an Accelerator's autocast, FSDP2's gathering), and a
+forward pre-hook on the output embeddings takes their input, the hidden states the model's own
+head would see (after any final norm, hidden-state scaling or prediction-head transform), runs the
+kernel on it and hands the head an empty slice instead, so the forward's logits cost nothing. What
+the family's forward does to the head's output (soft-caps, logit scales, a cut vocabulary) is read
+from its config by :func:`output_head`. Calls without ``logprob_targets`` run the original forward
+unchanged, and the patched ``forward`` keeps its signature (``generate`` inspects it).
+
+Because a family can do something to its logits that nobody listed, :func:`patch_causal_lm` checks
+itself once against the model's own logits on a few tokens and refuses by name when they differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from gem_fast.kernels import fused_logprob_entropy
 from gem_fast.trl_support import TrlFusedOutput, trl_fused_forward
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "FusedLogprobOutput", "TrlFusedOutput", "OutputHead", "output_head", "patch_causal_lm",
-           "unpatch_causal_lm"]
+__all__ = ["FusedLogprobOutput", "TrlFusedOutput", "OutputHead", "output_head", "patch_causal_lm",
+           "unpatch_causal_lm", "verify_patch"]
 
 logger = logging.getLogger(__name__)
 
-# Families whose causal-LM head is ``lm_head(base_model(...).last_hidden_state)``, then the
-# scale/soft-cap that output_head reads from the config.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "cohere")
-_ORIGINAL = "_gem_fast_original_forward"
+_PATCH = "_gem_fast_patch"
+# transformers 5.24 renamed the model outputs' ``past_key_values`` to ``cache`` (the old name is a
+# deprecated alias there); the patched output follows the installed version.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-
-@dataclass
-class FusedLogprobOutput(ModelOutput):
-    """What a patched model returns for a call with ``logprob_targets``."""
-
-    logprobs: torch.Tensor | None = None  # [..., L] float32 nats; 0 where the target is ignored
-    entropy: torch.Tensor | None = None  # [..., L] float32 nats, softmax(z / T)
-    past_key_values: Any = None
+FusedLogprobOutput = dataclasses.make_dataclass(
+    "FusedLogprobOutput",
+    [("logprobs", "torch.Tensor | None", dataclasses.field(default=None)),  # [..., L] float32 nats; 0 where ignored
+     ("entropy", "torch.Tensor | None", dataclasses.field(default=None)),  # [..., L] float32 nats, softmax(z / T)
+     (CACHE_FIELD, Any, dataclasses.field(default=None))],  # the model's KV cache, as its own output has it
+    bases=(ModelOutput,),
+    namespace={"__module__": __name__,
+               "__doc__": "What a patched model returns for a call with ``logprob_targets``: ``logprobs`` and "
+                          "``entropy`` [..., L] float32 nats (0 where the target is ignored), and the model's cache "
+                          f"(``{CACHE_FIELD}``, as the installed transformers names it)."})
 
 
 class OutputHead(NamedTuple):
-    """The LM head as the kernels take it: logits z = softcap·tanh(scale·(W h + b) / softcap)."""
+    """The LM head as the kernels take it, from the output embeddings' input h to the model's
+    logits: z = softcap·tanh(scale·(W h + b) / softcap) (no soft-cap: z = scale·(W h + b))."""
 
-    weight: torch.Tensor  # [V, H]
+    weight: torch.Tensor  # [V, H], cut to the vocabulary the model's logits keep
     bias: torch.Tensor | None  # [V]
     logit_scale: float
     logit_softcap: float | None
 
 
+# What each family's forward multiplies the head's output by (transformers' modeling code, 5.17-5.24):
+# (model type of the text config, or a prefix ending in "*") -> (config attribute, exponent).
+_LOGIT_SCALES = {
+    "cohere*": ("logit_scale", 1),  # cohere, cohere2, cohere2_moe, cohere_compass
+    "granite*": ("logits_scaling", -1),  # granite(_swa), granitemoe(_swa, shared, hybrid), granite vision text
+    "hyperclovax": ("logits_scaling", 1),  # MuP: multiplies where granite divides
+    "falcon_h1": ("lm_head_multiplier", 1),
+}
+# The soft-cap softcap·tanh(z / softcap) after it: gemma2/3/3n/4, inkling2, mistral_large4, nanochat,
+# vaultgemma name it final_logit_softcapping; recurrent_gemma logits_soft_cap; xlstm output_logit_soft_cap.
+_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def _logit_scale(text_config: Any) -> float:
+    model_type = text_config.model_type
+    for pattern, (attribute, exponent) in _LOGIT_SCALES.items():
+        if model_type == pattern or (pattern.endswith("*") and model_type.startswith(pattern[:-1])):
+            value = getattr(text_config, attribute, None)
+            return 1.0 if value is None else float(value) ** exponent
+    return 1.0
+
+
 def output_head(model: torch.nn.Module) -> OutputHead:
-    """The head of a Hugging Face causal LM with the logit scale and soft-cap of its config."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings (get_output_embeddings())")
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    return OutputHead(head.weight, getattr(head, "bias", None), 1.0 if scale is None else float(scale),
-                      getattr(config, "final_logit_softcapping", None))
+    """The head of a Hugging Face causal LM: its output embeddings, cut to ``unpadded_vocab_size``
+    where the family cuts its logits (inkling), with the logit scale and soft-cap its forward
+    applies, read from the config (the text config of a multimodal model)."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"model: {type(model).__name__} has no output embeddings with one weight "
+                         "(get_output_embeddings())")
+    text_config = model.config.get_text_config()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    vocab = getattr(text_config, "unpadded_vocab_size", None)
+    if vocab is not None and vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    softcap = next((getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None),
+                   None)
+    return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
 
 
-def _check_layout(model: torch.nn.Module) -> None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in SUPPORTED_MODEL_TYPES:
-        return
-    has_layout = getattr(model, "base_model", None) is not model and callable(getattr(model, "get_output_embeddings", None))
-    if not has_layout or model.get_output_embeddings() is None:
-        raise ValueError(f"model: type {model_type!r} ({type(model).__name__}) is not a causal LM with a base model "
-                         f"and output embeddings; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    logger.warning("gem_fast.integrations: model type %r is not among %s; patching it as lm_head(base_model(...)) "
-                   "with the config's logit_scale/final_logit_softcapping, which is right only if its forward "
-                   "does nothing else to the logits", model_type, SUPPORTED_MODEL_TYPES)
+def _describe(model: torch.nn.Module) -> str:
+    return f"type {getattr(getattr(model, 'config', None), 'model_type', None)!r} ({type(model).__name__})"
 
 
-def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperature: float = 1.0,
+def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or not hasattr(model, "config"):
+        raise ValueError(f"model: {_describe(model)} is not a causal LM with a config and output embeddings "
+                         "that hold one weight (get_output_embeddings())")
+    return head
+
+
+@dataclasses.dataclass
+class _FusedCall:
+    """A call with targets in flight: what the head's pre-hook needs, and where it leaves its results."""
+
+    targets: torch.Tensor
+    temperature: float
+    options: dict
+    results: tuple | None = None
+
+
+@dataclasses.dataclass
+class _Patch:
+    replaced: Any  # the instance's own ``forward`` before the patch (a wrapper), None where it was the class's
+    original: Callable  # the forward as it was called before the patch
+    fused_head: Callable  # (args, kwargs, targets, temperature, **kernel options) -> (outputs, logp, entropy, ...)
+    hook: torch.utils.hooks.RemovableHandle
+
+
+def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperature: float = 1.0, verify: bool = True,
                     **kernel_options: Any) -> torch.nn.Module:
     """Give ``model.forward`` the keywords ``logprob_targets`` ([..., L] int64, -100 = ignored) and
     ``temperature`` (default: this call's); with them it returns :class:`FusedLogprobOutput` (no
@@ -89,24 +148,56 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
     :class:`TrlFusedOutput` at this call's ``temperature``, so patching a model after TRL's
     trainer has added its own fused head makes TRL read gem_fast's numbers. ``backend`` and
     ``kernel_options`` (``block_bytes``, ``dw_accumulation``, ``drop_ignored_rows``) go to
-    :func:`gem_fast.kernels.fused_logprob_entropy`. Returns the model, patched in place; patching
-    twice is a no-op; :func:`unpatch_causal_lm` undoes it."""
-    _check_layout(model)
-    if _ORIGINAL in vars(model):
+    :func:`gem_fast.kernels.fused_logprob_entropy`.
+
+    ``verify`` (default): check the patch once with :func:`verify_patch` (one no-grad forward of
+    each kind on 16 tokens) and, where it disagrees with the model's own logits, undo it and raise
+    ``ValueError``. ``verify=False`` skips that check: for a family already verified at this
+    model's dtype, where one more forward at start-up matters. Under FSDP2 the check runs the
+    sharded forward, so call this on every rank (as any forward). Returns the model, patched in
+    place; patching twice is a no-op; :func:`unpatch_causal_lm` undoes it."""
+    head_module = _output_embeddings(model)
+    if _PATCH in vars(model):
         return model
     original = model.forward
     default_temperature = temperature
+    calls: list[_FusedCall] = []
+
+    def take_hidden(module: torch.nn.Module, args: tuple) -> tuple | None:
+        # The head's input is the hidden state the model's own logits come from; the kernel runs on
+        # it here, inside every wrapper of the forward, and the head itself gets zero positions.
+        if not calls:
+            return None
+        call = calls[-1]
+        hidden = args[0] if args else None
+        if call.results is not None:
+            raise ValueError(f"model: the forward of {_describe(model)} calls its output embeddings more than once")
+        if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point()
+                and hidden.shape[:-1] == call.targets.shape):
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"model: the forward of {_describe(model)} calls its output embeddings with {got}, "
+                             f"not the hidden states [*targets.shape, H] of targets {tuple(call.targets.shape)}")
+        head = output_head(model)
+        call.results = tuple(fused_logprob_entropy(
+            hidden, head.weight, call.targets, bias=head.bias, temperature=call.temperature,
+            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options,
+            **call.options))
+        return (hidden[..., :0, :], *args[1:])
 
     def logprobs_and_entropy(args: tuple, kwargs: dict, targets: torch.Tensor, temperature: float, **options: Any):
         # ``options``: extra kernel keywords of a caller (TRL's fused head: row statistics, fp32 head).
-        outputs = model.base_model(*args, **kwargs)
-        head = output_head(model)
-        results = fused_logprob_entropy(
-            outputs.last_hidden_state, head.weight, targets, bias=head.bias, temperature=temperature,
-            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options,
-            **options)
-        return outputs, *results
+        call = _FusedCall(targets, temperature, options)
+        calls.append(call)
+        try:
+            outputs = original(*args, **kwargs)
+        finally:
+            calls.pop()
+        if call.results is None:
+            raise ValueError(f"model: the forward of {_describe(model)} never calls its output embeddings "
+                             f"({type(head_module).__name__}), so their input cannot be taken")
+        return outputs, *call.results
 
+    @functools.wraps(original)
     def forward(*args: Any, logprob_targets: torch.Tensor | None = None, temperature: float = default_temperature,
                 fused_lm_head: bool = False, labels: torch.Tensor | None = None,
                 shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
@@ -116,17 +207,111 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         outputs, logprobs, entropy = logprobs_and_entropy(args, kwargs, logprob_targets, temperature)
-        return FusedLogprobOutput(logprobs=logprobs, entropy=entropy,
-                                  past_key_values=getattr(outputs, "past_key_values", None))
+        return FusedLogprobOutput(logprobs=logprobs, entropy=entropy, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)})
 
-    setattr(model, _ORIGINAL, original)
+    patch = _Patch(vars(model).get("forward"), original, logprobs_and_entropy, head_module.register_forward_pre_hook(take_hidden))
+    setattr(model, _PATCH, patch)
     model.forward = forward
+    if not verify:
+        logger.info("gem_fast.integrations: %s patched without verification (verify=False)", _describe(model))
+        return model
+    try:
+        verify_patch(model)
+    except Exception:
+        unpatch_causal_lm(model)
+        raise
     return model
 
 
 def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the forward :func:`patch_causal_lm` replaced (a no-op on an unpatched model)."""
-    if _ORIGINAL in vars(model):
+    """Restore exactly the ``forward`` :func:`patch_causal_lm` replaced (the class's, or the wrapper
+    that was there: accelerate's hooks, an Accelerator's autocast) and remove the head's pre-hook; a
+    no-op on an unpatched model."""
+    patch = vars(model).get(_PATCH)
+    if patch is None:
+        return model
+    patch.hook.remove()
+    delattr(model, _PATCH)
+    if patch.replaced is None:
         del model.forward
-        delattr(model, _ORIGINAL)
+    else:
+        model.forward = patch.replaced
     return model
+
+
+_PROBE_SHAPE = (2, 8)  # tokens the verification runs: logits [2, 8, V], negligible beside a training step
+
+
+def _special_token_ids(config: Any) -> set[int]:
+    """Ids the config gives a meaning (bos/eos/pad, image/audio placeholders), its sub-configs' too."""
+    ids: set[int] = set()
+    for key, value in vars(config).items():
+        if key.endswith(("token_id", "token_ids", "token_index")):
+            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+        elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
+            ids |= _special_token_ids(value)
+    return ids
+
+
+def _probe_ids(model: torch.nn.Module, vocab: int) -> torch.Tensor:
+    """Fixed pseudo-random ordinary tokens (the same on every rank), on the input embeddings' device."""
+    special, generator, ids = _special_token_ids(model.config), torch.Generator().manual_seed(0), []
+    while len(ids) < math.prod(_PROBE_SHAPE):
+        token = int(torch.randint(vocab, (), generator=generator))
+        ids += [] if token in special else [token]
+    embeddings = model.get_input_embeddings()
+    return torch.tensor(ids).view(_PROBE_SHAPE).to(embeddings.weight.device)
+
+
+def verify_patch(model: torch.nn.Module) -> None:
+    """Check a patched model once against its own forward: log-probs and entropy of 16 probe tokens
+    (no grad, eval mode, the model's dtype) from the patched path and from the model's own logits
+    (log-softmax in float32). Raises ``ValueError`` naming the model type and the largest
+    difference when they disagree beyond what rounding in the model's dtype explains: per logit
+    δ = max(1, max|z|)·(ε_dtype + √H·ε_fp32); log-probs within 8δ, entropy within 8δ·(1 + Σ p|z − z̄|).
+    A model on the meta device is skipped with a logged reason (call this once its weights are
+    loaded). Under FSDP2 it runs the sharded forward: call it on every rank."""
+    patch = vars(model).get(_PATCH)
+    if patch is None:
+        raise ValueError(f"model: {_describe(model)} is not patched (patch_causal_lm(model) first)")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        logger.warning("gem_fast.integrations: %s is on the meta device, so its patch is not verified; call "
+                       "gem_fast.integrations.verify_patch(model) once its weights are loaded", _describe(model))
+        return
+    head = output_head(model)
+    vocab = min(head.weight.shape[0], model.get_input_embeddings().weight.shape[0])
+    ids = _probe_ids(model, vocab)
+    targets = ids.roll(-1, dims=1)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = patch.original(input_ids=ids).logits
+            _, logp, entropy = patch.fused_head((), {"input_ids": ids}, targets, 1.0)
+    except Exception as error:
+        raise ValueError(f"model: {_describe(model)}: the patched forward fails on {ids.numel()} probe tokens "
+                         f"({type(error).__name__}: {error})") from error
+    finally:
+        model.train(training)
+    if logits.shape[-1] != head.weight.shape[0]:
+        raise ValueError(f"model: {_describe(model)}: its logits have {logits.shape[-1]} entries, its output "
+                         f"embeddings (as output_head reads them) {head.weight.shape[0]}")
+    z = logits.float()
+    logp_all = z.log_softmax(-1)
+    p = logp_all.exp()
+    want_logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    want_entropy = -(p * logp_all).sum(-1)
+    spread = (p * (z - (p * z).sum(-1, keepdim=True)).abs()).sum(-1).max().item()
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(head.weight.dtype).eps)
+    delta = max(1.0, z.abs().max().item()) * (eps + math.sqrt(head.weight.shape[1]) * torch.finfo(torch.float32).eps)
+    logp_error = (logp.float() - want_logp).abs().max().item()
+    entropy_error = (entropy.float() - want_entropy).abs().max().item()
+    if not (logp_error <= 8 * delta and entropy_error <= 8 * delta * (1 + spread)):  # False on nan too
+        raise ValueError(
+            f"model: {_describe(model)}: the patched head disagrees with the model's own logits on {ids.numel()} "
+            f"probe tokens: log-probs by up to {logp_error:.3g} nats (tolerance {8 * delta:.2g} in {logits.dtype}), "
+            f"entropy by up to {entropy_error:.3g} (tolerance {8 * delta * (1 + spread):.2g}); its forward does "
+            "something to the logits that gem_fast.integrations.output_head does not read from the config, so the "
+            "model is left unpatched")
+    logger.info("gem_fast.integrations: %s verified: log-prob error %.2g, entropy error %.2g nats on %d tokens",
+                _describe(model), logp_error, entropy_error, ids.numel())

@@ -32,6 +32,7 @@ def test_trl_grpo_call_gets_gem_fast_numbers_equal_to_trls(model_type, monkeypat
     want_grads = torch.autograd.grad(want.log_probs.sum() + want.entropy.sum(), list(trl_model.parameters()))
 
     patch_causal_lm(trl_model, temperature=0.7, backend="torch")  # after TRL's head, as on a trainer's model
+    calls.clear()  # the patch's own verification
     got = trl_model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     assert calls == [1]
     assert isinstance(got, TrlFusedOutput) and got.log_probs.shape == want.log_probs.shape == (2, ids.shape[1] - 1)
