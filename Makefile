@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PIP = $(PY) -m pip
 
-.PHONY: setup test test-fast demo gpu-wheels
+.PHONY: setup test test-fast test-range demo gpu-wheels
 
 setup:
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +19,17 @@ test: setup
 # Everything but the tests marked slow (subprocesses, 2-rank FSDP, benchmarks, the real 135M model).
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The fast tests at another version set of the transformers stack (PINS: .ci/newest.txt,
+# .ci/gpu-5.17.txt): those packages go into .ci/overlay-<name> with --no-deps and lead sys.path,
+# so torch stays the local CPU 2.13 of .venv.
+PINS ?= .ci/newest.txt
+OVERLAY = .ci/overlay-$(basename $(notdir $(PINS)))
+
+test-range: setup
+	PY=$(PY) bash .ci/overlay $(PINS) $(OVERLAY)
+	PYTHONPATH=$(abspath $(OVERLAY)) $(PY) -c "import torch, transformers, accelerate, trl; print('test-range:', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'trl', trl.__version__)"
+	PYTHONPATH=$(abspath $(OVERLAY)) $(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) scripts/demo.py --out_dir outputs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -80,6 +80,8 @@ _LOGIT_SCALES = {
 # The soft-cap softcap·tanh(z / softcap) after it: gemma2/3/3n/4, inkling2, mistral_large4, nanochat,
 # vaultgemma name it final_logit_softcapping; recurrent_gemma logits_soft_cap; xlstm output_logit_soft_cap.
 _SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# Gemma3ForConditionalGeneration applies no final soft-cap (5.17-5.24), though its text config has one.
+_SOFTCAP_UNREAD = ("gemma3",)
 
 
 def _logit_scale(text_config: Any) -> float:
@@ -104,8 +106,8 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     vocab = getattr(text_config, "unpadded_vocab_size", None)
     if vocab is not None and vocab < weight.shape[0]:
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
-    softcap = next((getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None),
-                   None)
+    softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
+        (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
     return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
 
 
@@ -134,8 +136,6 @@ class _FusedCall:
 @dataclasses.dataclass
 class _Patch:
     replaced: Any  # the instance's own ``forward`` before the patch (a wrapper), None where it was the class's
-    original: Callable  # the forward as it was called before the patch
-    fused_head: Callable  # (args, kwargs, targets, temperature, **kernel options) -> (outputs, logp, entropy, ...)
     hook: torch.utils.hooks.RemovableHandle
 
 
@@ -209,8 +209,7 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
         outputs, logprobs, entropy = logprobs_and_entropy(args, kwargs, logprob_targets, temperature)
         return FusedLogprobOutput(logprobs=logprobs, entropy=entropy, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)})
 
-    patch = _Patch(vars(model).get("forward"), original, logprobs_and_entropy, head_module.register_forward_pre_hook(take_hidden))
-    setattr(model, _PATCH, patch)
+    setattr(model, _PATCH, _Patch(vars(model).get("forward"), head_module.register_forward_pre_hook(take_hidden)))
     model.forward = forward
     if not verify:
         logger.info("gem_fast.integrations: %s patched without verification (verify=False)", _describe(model))
@@ -271,8 +270,7 @@ def verify_patch(model: torch.nn.Module) -> None:
     δ = max(1, max|z|)·(ε_dtype + √H·ε_fp32); log-probs within 8δ, entropy within 8δ·(1 + Σ p|z − z̄|).
     A model on the meta device is skipped with a logged reason (call this once its weights are
     loaded). Under FSDP2 it runs the sharded forward: call it on every rank."""
-    patch = vars(model).get(_PATCH)
-    if patch is None:
+    if _PATCH not in vars(model):
         raise ValueError(f"model: {_describe(model)} is not patched (patch_causal_lm(model) first)")
     if any(p.device.type == "meta" for p in model.parameters()):
         logger.warning("gem_fast.integrations: %s is on the meta device, so its patch is not verified; call "
@@ -286,8 +284,9 @@ def verify_patch(model: torch.nn.Module) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            logits = patch.original(input_ids=ids).logits
-            _, logp, entropy = patch.fused_head((), {"input_ids": ids}, targets, 1.0)
+            # through model(...): FSDP2's root hooks gather what the root module holds
+            logits = model(input_ids=ids, use_cache=False).logits
+            fused = model(input_ids=ids, use_cache=False, logprob_targets=targets, temperature=1.0)
     except Exception as error:
         raise ValueError(f"model: {_describe(model)}: the patched forward fails on {ids.numel()} probe tokens "
                          f"({type(error).__name__}: {error})") from error
@@ -304,8 +303,8 @@ def verify_patch(model: torch.nn.Module) -> None:
     spread = (p * (z - (p * z).sum(-1, keepdim=True)).abs()).sum(-1).max().item()
     eps = max(torch.finfo(logits.dtype).eps, torch.finfo(head.weight.dtype).eps)
     delta = max(1.0, z.abs().max().item()) * (eps + math.sqrt(head.weight.shape[1]) * torch.finfo(torch.float32).eps)
-    logp_error = (logp.float() - want_logp).abs().max().item()
-    entropy_error = (entropy.float() - want_entropy).abs().max().item()
+    logp_error = (fused.logprobs - want_logp).abs().max().item()
+    entropy_error = (fused.entropy - want_entropy).abs().max().item()
     if not (logp_error <= 8 * delta and entropy_error <= 8 * delta * (1 + spread)):  # False on nan too
         raise ValueError(
             f"model: {_describe(model)}: the patched head disagrees with the model's own logits on {ids.numel()} "

@@ -3,6 +3,8 @@ float64 log-softmax of the model's own logits; one process and 2-rank gloo FSDP2
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def test_output_head_reads_scale_and_softcap():
 
 
 def test_unsupported_model_gets_one_clear_error():
-    with pytest.raises(ValueError, match="^model: type None"):
+    with pytest.raises(ValueError, match="^model: type None .*output embeddings"):
         patch_causal_lm(torch.nn.Linear(2, 2))
 
 
@@ -158,3 +160,92 @@ def test_patched_model_under_fsdp2_equals_one_process(tmp_path):
         assert grads.keys() == want.keys()
         for name, got in grads.items():
             torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _generate(model, ids, mask, autocast: bool):
+    """Sampled tokens and the shape of the logits the first (prefill) forward returned."""
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
+    try:
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            tokens = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=4,
+                                    pad_token_id=0)
+    finally:
+        hook.remove()
+    return tokens, shapes[0]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3"])
+def test_generate_samples_the_same_patched_and_unpatched(model_type, autocast):
+    # gpt2: absolute positions, built from the attention mask only when forward's signature names
+    # position_ids; gemma3: prepare_inputs_for_generation without attention_mask.
+    from tiny_families import tiny_model as family_model
+
+    model = family_model(model_type)
+    ids, mask, _ = batch()
+    ids = ids % 200  # ordinary tokens of the 256-token tiny vocabularies
+    want_tokens, want_shape = _generate(model, ids, mask, autocast)
+    patch_causal_lm(model, backend="torch")
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    tokens, shape = _generate(model, ids, mask, autocast)
+    assert shape == want_shape and shape[1] == 1  # logits_to_keep reaches the model: prefill keeps one position
+    assert torch.equal(tokens, want_tokens)
+
+
+def test_fused_calls_go_through_the_wrapper_that_was_there_and_unpatch_restores_it(monkeypatch):
+    import gem_fast.integrations as integrations
+
+    model = tiny_model("llama", tied=False)
+    ids, mask, targets = batch()
+    class_forward = model.forward
+
+    @functools.wraps(class_forward)
+    def bf16_forward(*args, **kwargs):  # what Accelerator(mixed_precision="bf16") puts on the instance
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return class_forward(*args, **kwargs)
+
+    calls, autocast_seen = [], []
+    model.forward = bf16_forward
+    kernel = integrations.fused_logprob_entropy
+    monkeypatch.setattr(integrations, "fused_logprob_entropy",
+                        lambda *a, **k: autocast_seen.append(torch.is_autocast_enabled("cpu")) or kernel(*a, **k))
+    patch_causal_lm(model, backend="torch", verify=False)
+    out = model(input_ids=ids, attention_mask=mask, logprob_targets=targets, temperature=0.7)
+    assert calls == [1] and autocast_seen == [True]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logp, _ = reference(model, ids, mask, targets, 0.7)
+    # within bf16 rounding of the autocast reference: the head ran in bf16 as the model's own does
+    torch.testing.assert_close(out.logprobs.double(), ref_logp, rtol=0, atol=0.1)
+    unpatch_causal_lm(model)
+    assert model.forward is bf16_forward
+
+
+def test_verification_refuses_a_forward_that_changes_its_logits_by_name():
+    model = tiny_model("llama", tied=True)
+    own = model.forward
+    model.forward = lambda *a, **k: own(*a, **k).__class__(logits=own(*a, **k).logits * 1.5)  # an unlisted transform
+    wrapped = model.forward
+    with pytest.raises(ValueError, match=r"^model: type 'llama' \(LlamaForCausalLM\): .*log-probs by up to [0-9.]+ "):
+        patch_causal_lm(model, backend="torch")
+    assert model.forward is wrapped and "_gem_fast_patch" not in vars(model)  # left unpatched
+
+
+def test_verification_skips_a_meta_model_with_a_logged_reason(caplog):
+    with torch.device("meta"):
+        model = tiny_model("llama", tied=False)
+    with caplog.at_level("WARNING", logger="gem_fast.integrations"):
+        patch_causal_lm(model)
+    assert "meta device" in caplog.text and "verify_patch(model)" in caplog.text
+    assert "_gem_fast_patch" in vars(model)
+
+
+def test_verify_passes_at_bf16_and_costs_one_forward_of_each_kind(monkeypatch):
+    model = tiny_model("gemma2", tied=True).to(torch.bfloat16)
+    calls = []
+    model.base_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                               with_kwargs=True)
+    patch_causal_lm(model, backend="torch")
+    assert calls == [(2, 8), (2, 8)]
