@@ -226,8 +226,13 @@ def test_fused_calls_go_through_the_wrapper_that_was_there_and_unpatch_restores_
 def test_verification_refuses_a_forward_that_changes_its_logits_by_name():
     model = tiny_model("llama", tied=True)
     own = model.forward
-    model.forward = lambda *a, **k: own(*a, **k).__class__(logits=own(*a, **k).logits * 1.5)  # an unlisted transform
-    wrapped = model.forward
+
+    def wrapped(*args, **kwargs):  # an unlisted transform of the logits
+        out = own(*args, **kwargs)
+        out.logits = out.logits * 1.5
+        return out
+
+    model.forward = wrapped
     with pytest.raises(ValueError, match=r"^model: type 'llama' \(LlamaForCausalLM\): .*log-probs by up to [0-9.]+ "):
         patch_causal_lm(model, backend="torch")
     assert model.forward is wrapped and "_gem_fast_patch" not in vars(model)  # left unpatched
