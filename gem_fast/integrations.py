@@ -93,24 +93,6 @@ def _logit_scale(text_config: Any) -> float:
     return 1.0
 
 
-def output_head(model: torch.nn.Module) -> OutputHead:
-    """The head of a Hugging Face causal LM: its output embeddings, cut to ``unpadded_vocab_size``
-    where the family cuts its logits (inkling), with the logit scale and soft-cap its forward
-    applies, read from the config (the text config of a multimodal model)."""
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings with one weight "
-                         "(get_output_embeddings())")
-    text_config = model.config.get_text_config()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    vocab = getattr(text_config, "unpadded_vocab_size", None)
-    if vocab is not None and vocab < weight.shape[0]:
-        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
-    softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
-        (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
-    return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
-
-
 def _describe(model: torch.nn.Module) -> str:
     return f"type {getattr(getattr(model, 'config', None), 'model_type', None)!r} ({type(model).__name__})"
 
@@ -121,6 +103,21 @@ def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"model: {_describe(model)} is not a causal LM with a config and output embeddings "
                          "that hold one weight (get_output_embeddings())")
     return head
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """The head of a Hugging Face causal LM: its output embeddings, cut to ``unpadded_vocab_size``
+    where the family cuts its logits (inkling), with the logit scale and soft-cap its forward
+    applies, read from the config (the text config of a multimodal model)."""
+    head = _output_embeddings(model)
+    text_config = model.config.get_text_config(decoder=True)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    vocab = getattr(text_config, "unpadded_vocab_size", None)
+    if vocab is not None and vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
+        (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
+    return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
 
 
 @dataclasses.dataclass
