@@ -20,6 +20,7 @@ from gem_fast.integrations import output_head, patch_causal_lm
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 VOCAB, LAYERS = 256, 2
+_MAX_PARAMETERS = 2_000_000
 # Size attributes as the configs name them; only those a config already has are set.
 _SIZES = {
     "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -85,6 +86,10 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
             setattr(text, key, value)
     if hasattr(text, "unpadded_vocab_size"):
         text.unpadded_vocab_size = VOCAB - 6
+    with torch.device("meta"):  # sizes the shrinking missed (sub-configs of other names) would cost seconds
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > _MAX_PARAMETERS:
+        raise ValueError(f"the shrunk config still has {size / 1e6:.1f}M parameters")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
