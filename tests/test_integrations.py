@@ -254,3 +254,26 @@ def test_verify_passes_at_bf16_and_costs_one_forward_of_each_kind(monkeypatch):
                                                with_kwargs=True)
     patch_causal_lm(model, backend="torch")
     assert calls == [(2, 8), (2, 8)]
+
+
+def test_fused_calls_go_through_accelerate_hooks_and_unpatch_keeps_them():
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountingHook.calls += 1
+            return args, kwargs
+
+    model = add_hook_to_module(tiny_model("llama", tied=True), CountingHook())
+    hooked = model.forward
+    ids, mask, targets = batch()
+    patch_causal_lm(model, backend="torch")  # verification: two calls through the hook
+    assert CountingHook.calls == 2
+    model(input_ids=ids, attention_mask=mask, logprob_targets=targets)
+    assert CountingHook.calls == 3
+    unpatch_causal_lm(model)
+    assert model.forward is hooked
+    remove_hook_from_module(model)  # accelerate's own removal still finds what it put there
+    assert model.forward.__func__ is type(model).forward
