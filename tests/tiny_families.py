@@ -20,7 +20,7 @@ from gem_fast.integrations import output_head, patch_causal_lm
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 VOCAB, LAYERS = 256, 2
-_MAX_PARAMETERS = 2_000_000
+_MAX_PARAMETERS = 15_000_000
 # Size attributes as the configs name them; only those a config already has are set.
 _SIZES = {
     "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
@@ -37,6 +37,7 @@ _SIZES = {
     "attention_window": 16, "global_head_dim": 8, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "image_size": 32, "patch_size": 8, "rotary_dim": 8,
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8, "num_kv_shared_layers": 0,
+    "emb_dim": 32, "ffn_hidden_size": 64, "expert_ffn_hidden_size": 32,
 }
 # Where the generic shrinking leaves a config its own validation rejects.
 _FAMILY_SIZES = {
