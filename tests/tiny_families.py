@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -100,8 +99,6 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-
-
 @dataclass
 class Outcome:
     """One row of the support table."""
@@ -109,7 +106,7 @@ class Outcome:
     model_type: str
     tied: bool | None = None  # the head shares the input embeddings' weight
     transforms: str = ""  # what output_head reads beyond W h + b
-    verified: bool = False  # patched, and equal to its own logits (values and gradients)
+    verified: bool = False  # patched, and equal to its own logits (log-probs and entropy)
     reason: str = ""  # why not: the refusal's message, or why no tiny model was built
 
     def row(self) -> str:
