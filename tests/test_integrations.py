@@ -247,7 +247,7 @@ def test_verification_skips_a_meta_model_with_a_logged_reason(caplog):
     assert "_gem_fast_patch" in vars(model)
 
 
-def test_verify_passes_at_bf16_and_costs_one_forward_of_each_kind(monkeypatch):
+def test_verify_passes_at_bf16_and_costs_one_forward_of_each_kind():
     model = tiny_model("gemma2", tied=True).to(torch.bfloat16)
     calls = []
     model.base_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
