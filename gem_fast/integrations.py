@@ -25,6 +25,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from gem_fast.kernels import fused_logprob_entropy
+from gem_fast.trl_support import TrlFusedOutput, trl_fused_forward
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "FusedLogprobOutput", "TrlFusedOutput", "OutputHead", "output_head", "patch_causal_lm",
            "unpatch_causal_lm"]
@@ -44,18 +45,6 @@ class FusedLogprobOutput(ModelOutput):
     logprobs: torch.Tensor | None = None  # [..., L] float32 nats; 0 where the target is ignored
     entropy: torch.Tensor | None = None  # [..., L] float32 nats, softmax(z / T)
     past_key_values: Any = None
-
-
-@dataclass
-class TrlFusedOutput(ModelOutput):
-    """What a patched model returns for TRL's ``fused_lm_head=True`` calls (the fields TRL's
-    trainers read from its own ``FusedCausalLMOutput``): per-token fields [B, L-1], 0 where the
-    label is -100; ``loss`` the mean negative log-likelihood (or the sum over ``num_items_in_batch``)."""
-
-    loss: torch.Tensor | None = None
-    log_probs: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    label_mask: torch.Tensor | None = None
 
 
 class OutputHead(NamedTuple):
@@ -108,27 +97,21 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
     original = model.forward
     default_temperature = temperature
 
-    def logprobs_and_entropy(args: tuple, kwargs: dict, targets: torch.Tensor, temperature: float):
+    def logprobs_and_entropy(args: tuple, kwargs: dict, targets: torch.Tensor, temperature: float, **options: Any):
+        # ``options``: extra kernel keywords of a caller (TRL's fused head: row statistics, fp32 head).
         outputs = model.base_model(*args, **kwargs)
         head = output_head(model)
-        logprobs, entropy = fused_logprob_entropy(
+        results = fused_logprob_entropy(
             outputs.last_hidden_state, head.weight, targets, bias=head.bias, temperature=temperature,
-            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options)
-        return outputs, logprobs, entropy
+            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options,
+            **options)
+        return outputs, *results
 
     def forward(*args: Any, logprob_targets: torch.Tensor | None = None, temperature: float = default_temperature,
                 fused_lm_head: bool = False, labels: torch.Tensor | None = None,
                 shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         if fused_lm_head:
-            # TRL: the label at position t+1 is scored from position t, unless pre-shifted.
-            targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1),
-                                                                                            value=-100)
-            _, logprobs, entropy = logprobs_and_entropy(args, {**kwargs, "use_cache": False}, targets, temperature)
-            if shift_labels is None:
-                targets, logprobs, entropy = targets[:, :-1], logprobs[:, :-1], entropy[:, :-1]
-            mask = targets != -100
-            count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-            return TrlFusedOutput(loss=-logprobs.sum() / count, log_probs=logprobs, entropy=entropy, label_mask=mask)
+            return trl_fused_forward(original, logprobs_and_entropy, args, kwargs, labels, shift_labels, num_items_in_batch, temperature)
         if logprob_targets is None:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
