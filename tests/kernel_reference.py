@@ -30,3 +30,19 @@ def entropy_f64(logits, temperature=1.0):
     # H = lse - Σ p z, with masked entries (p = 0) kept out of both value and gradient.
     finite_z = torch.where(torch.isfinite(z), z, 0.0)
     return torch.logsumexp(z, dim=-1) - (p * finite_z).sum(-1)
+
+
+def row_stats_f64(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, logit_scale=1.0,
+                  logit_softcap=None):
+    """(max z, first argmax, mean z) per row in float64 for the same z as logprob_entropy_f64; 0 on
+    ignored rows."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z * logit_scale
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    z = z / temperature
+    valid = targets != ignore_index
+    top, first = z.max(dim=-1)
+    return tuple(torch.where(valid, t, 0) for t in (top, first, z.mean(-1)))

@@ -15,6 +15,7 @@ sync (the number of kept rows).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -277,8 +278,10 @@ def fused_logprob_entropy(
                            logit_scale, logit_softcap, gemm_dtype)
     plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
     if call.backend == "naive":
-        results = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
-                                        ignore_index, return_row_stats)
+        # An explicit gemm_dtype holds inside autocast too, which would recast naive's F.linear.
+        with contextlib.nullcontext() if gemm_dtype is None else torch.autocast(hidden.device.type, enabled=False):
+            results = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
+                                            ignore_index, return_row_stats)
     else:
         rows = _valid_rows(call.targets, ignore_index, drop_ignored_rows)
         results = _LinearLogprobEntropy.apply(
