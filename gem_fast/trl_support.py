@@ -51,19 +51,32 @@ class TrlHead(NamedTuple):
     outputs: tuple[str, ...]
 
 
+def _trl_fused_function(forward: Callable) -> Callable | None:
+    """TRL's ``_fused_forward`` behind ``forward``: itself, or under wrappers that name what they wrap
+    (``__wrapped__``: accelerate's autocast of a prepared reference model)."""
+    function, seen = getattr(forward, "__func__", forward), set()
+    while function is not None and id(function) not in seen:
+        seen.add(id(function))
+        code = getattr(function, "__code__", None)
+        if code is not None and code.co_name == "_fused_forward" and code.co_filename.endswith(
+                os.path.join("trl", "trainer", "utils.py")):
+            return function
+        function = getattr(function, "__wrapped__", None)
+        function = getattr(function, "__func__", function)
+    return None
+
+
 def trl_head(forward: Callable) -> TrlHead | None:
     """The settings of the TRL fused head that installed ``forward`` (a model's ``forward``), or None
     when ``forward`` is not TRL's head. Read from the closure of TRL's ``_fused_forward``; a TRL whose
     head keeps them elsewhere, or one that computes something gem_fast does not, is refused by name."""
-    function = getattr(forward, "__func__", forward)
-    code = getattr(function, "__code__", None)
-    if code is None or code.co_name != "_fused_forward" or not code.co_filename.endswith(
-            os.path.join("trl", "trainer", "utils.py")):
+    function = _trl_fused_function(forward)
+    if function is None:
         return None
     settings = inspect.getclosurevars(function).nonlocals
     missing = sorted({"temperature", "cast_lm_head_to_fp32", "outputs", "text_config"} - settings.keys())
     if missing:
-        raise ValueError(f"model: this TRL's fused head ({code.co_filename}) keeps no {', '.join(missing)} "
+        raise ValueError(f"model: this TRL's fused head ({function.__code__.co_filename}) keeps no {', '.join(missing)} "
                          "where gem_fast.trl_support reads them (TRL 1.16's add_fused_lm_head)")
     unknown = sorted(set(settings["outputs"]) - set(FIELDS))
     if unknown:
