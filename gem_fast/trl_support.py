@@ -136,7 +136,7 @@ def patch_trainer(trainer: Any, **patch_options: Any) -> Any:
     :func:`gem_fast.integrations.patch_causal_lm`, so every ``fused_lm_head=True`` call of the
     trainer runs gem_fast's kernels with the settings TRL gave its head. ``patch_options``
     (``backend``, ``block_bytes``, ...) go to ``patch_causal_lm``. A model without TRL's fused head
-    is refused by name: patching it would leave TRL's own head answering. Returns the trainer."""
+    is refused by name: such a trainer makes no fused call for gem_fast to answer. Returns the trainer."""
     from gem_fast.integrations import _ORIGINAL, patch_causal_lm  # here: integrations imports this module
 
     for name in ("model", "ref_model"):
