@@ -137,15 +137,18 @@ def patch_trainer(trainer: Any, **patch_options: Any) -> Any:
     trainer runs gem_fast's kernels with the settings TRL gave its head. ``patch_options``
     (``backend``, ``block_bytes``, ...) go to ``patch_causal_lm``. A model without TRL's fused head
     is refused by name: such a trainer makes no fused call for gem_fast to answer. Returns the trainer."""
-    from gem_fast.integrations import _ORIGINAL, patch_causal_lm  # here: integrations imports this module
+    from gem_fast import integrations  # here: integrations imports this module
 
     for name in ("model", "ref_model"):
         model = getattr(trainer, name, None)
         if model is None:
             continue
         model = _unwrapped(trainer, model)
-        if trl_head(vars(model).get(_ORIGINAL, model.forward)) is None:
+        forward = getattr(model.forward, "__func__", model.forward)
+        if getattr(getattr(forward, "__code__", None), "co_filename", None) == integrations.__file__:
+            continue  # patched already
+        if trl_head(forward) is None:
             raise ValueError(f"trainer.{name}: {type(model).__name__} has no TRL fused head (add_fused_lm_head); "
                              "patch_trainer needs a trainer that calls fused_lm_head=True (TRL >= 1.16)")
-        patch_causal_lm(model, **patch_options)
+        integrations.patch_causal_lm(model, **patch_options)
     return trainer

@@ -195,6 +195,7 @@ def _run(name, tiny_dir, out_dir, patched, monkeypatch, **extra):
     trainer = _trainer(name, *tiny_dir, out_dir, callback, **extra)
     if patched:
         patch_trainer(trainer, backend="torch")
+        patch_trainer(trainer, backend="torch")  # a second call changes nothing
     trainer.train()
     logs = [{k: v for k, v in entry.items() if not any(t in k for t in TIMING_KEYS)}
             for entry in trainer.state.log_history]
