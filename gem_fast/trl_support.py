@@ -23,9 +23,8 @@ from transformers.utils import ModelOutput
 
 __all__ = ["TrlFusedOutput", "TrlHead", "patch_trainer", "trl_fused_forward", "trl_head"]
 
-# The per-token fields of TRL's FusedCausalLMOutput gem_fast computes; TRL's ``log_sum_sq_probs``
-# (DPO with use_weighting=True) is not among them.
-FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1")
+# The per-token fields of TRL 1.16's FusedCausalLMOutput; all but the first two are row statistics.
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass
@@ -38,6 +37,7 @@ class TrlFusedOutput(ModelOutput):
     loss: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None  # float32 nats
     entropy: torch.Tensor | None = None  # float32 nats
+    log_sum_sq_probs: torch.Tensor | None = None  # float32, log Σ_v p_v², no gradient (DPO's use_weighting)
     mean_logits: torch.Tensor | None = None  # float32, mean over the vocabulary of z / T, no gradient
     is_top1: torch.Tensor | None = None  # bool, the label is the (first) most likely token
     label_mask: torch.Tensor | None = None  # bool, the label is not -100
@@ -81,7 +81,7 @@ def trl_head(forward: Callable) -> TrlHead | None:
     unknown = sorted(set(settings["outputs"]) - set(FIELDS))
     if unknown:
         raise ValueError(f"model: TRL's fused head asks for {', '.join(unknown)}, which gem_fast does not compute "
-                         f"(it gives {', '.join(FIELDS)}); DPO's log_sum_sq_probs comes with use_weighting=True")
+                         f"(it gives {', '.join(FIELDS)})")
     if getattr(settings["text_config"], "output_router_logits", False):
         raise ValueError(f"model: {settings['text_config'].model_type} asks for router logits "
                          "(output_router_logits): TRL's MoE aux_loss is not computed by gem_fast.trl_support")
@@ -101,7 +101,7 @@ def trl_fused_forward(replaced_forward: Callable, fused_head: Callable, args: tu
     head = trl_head(replaced_forward) or TrlHead(temperature, False, ("log_probs", "entropy"))
     targets = shift_labels if shift_labels is not None else torch.nn.functional.pad(labels[:, 1:], (0, 1),
                                                                                     value=-100)
-    row_stats = bool({"mean_logits", "is_top1"} & set(head.outputs))
+    row_stats = bool(set(FIELDS[2:]) & set(head.outputs))
     options = {"return_row_stats": row_stats, "gemm_dtype": torch.float32 if head.cast_lm_head_to_fp32 else None}
     _, *results = fused_head(args, {**kwargs, "use_cache": False}, targets, head.temperature, **options)
     if shift_labels is None:
@@ -110,8 +110,8 @@ def trl_fused_forward(replaced_forward: Callable, fused_head: Callable, args: tu
     logprobs, entropy = results[:2]
     fields = {"log_probs": logprobs, "entropy": entropy}
     if row_stats:
-        _, _, _, argmax, mean_logit = results
-        fields.update(mean_logits=mean_logit, is_top1=(argmax == targets) & mask)
+        _, _, _, argmax, mean_logit, log_sum_sq_prob = results
+        fields.update(log_sum_sq_probs=log_sum_sq_prob, mean_logits=mean_logit, is_top1=(argmax == targets) & mask)
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return TrlFusedOutput(loss=-logprobs.sum() / count, label_mask=mask,
                           **{name: fields[name] for name in head.outputs})
@@ -122,12 +122,8 @@ def _unwrapped(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
     its base model (LoRA's layers live inside it, and TRL put its head there)."""
     model = trainer.accelerator.unwrap_model(model)
     get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model) and hasattr(model, "peft_config"):
-        model = get_base_model()
-        if hasattr(model.get_output_embeddings(), "base_layer"):
-            raise ValueError("peft_config: the adapter wraps the LM head (lm_head among its target modules), "
-                             "whose weight gem_fast reads directly; leave lm_head out of target_modules")
-    return model
+    # An adapter on lm_head itself TRL refuses when it builds the trainer.
+    return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
 
 
 def patch_trainer(trainer: Any, **patch_options: Any) -> Any:

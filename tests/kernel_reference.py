@@ -40,9 +40,10 @@ def entropy_f64(logits, temperature=1.0):
 
 def row_stats_f64(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, logit_scale=1.0,
                   logit_softcap=None):
-    """(max z, first argmax, mean z) per row in float64 for the same z as logprob_entropy_f64; 0 on
-    ignored rows."""
+    """(max z, first argmax, mean z, log Σ p²) per row in float64 for the same z as
+    logprob_entropy_f64; 0 on ignored rows."""
     z = mapped_logits_f64(hidden, weight, bias, temperature, logit_scale, logit_softcap)
     valid = targets != ignore_index
     top, first = z.max(dim=-1)
-    return tuple(torch.where(valid, t, 0) for t in (top, first, z.mean(-1)))
+    log_sum_sq = torch.logsumexp(2 * torch.log_softmax(z, dim=-1), dim=-1)
+    return tuple(torch.where(valid, t, 0) for t in (top, first, z.mean(-1), log_sum_sq))

@@ -1,5 +1,5 @@
-"""fused_logprob_entropy(return_row_stats=True): the row max, its first argmax and the mean of z from the
-same pass, against float64 (every backend, ragged tiles and chunks, exact ties across vocab tiles); and
+"""fused_logprob_entropy(return_row_stats=True): the row max, its first argmax, the mean of z and log Σ p²
+from the same pass, against float64 (every backend, ragged tiles and chunks, exact ties across vocab tiles); and
 ``gemm_dtype``, which fixes the logit GEMM's dtype inside autocast (TRL's cast_lm_head_to_fp32)."""
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def test_row_stats_match_float64_and_leave_logp_entropy_unchanged(backend, drop,
     plain = fused_logprob_entropy(hidden, weight, targets, **kwargs)
     assert isinstance(stats, LogprobEntropyStats)
     assert all(t.shape == targets.shape for t in stats) and stats.argmax.dtype == torch.int64
-    want_max, want_arg, want_mean = row_stats_f64(hidden, weight, targets, bias, 0.7)
+    want_max, want_arg, want_mean, want_sq = row_stats_f64(hidden, weight, targets, bias, 0.7)
     close(stats.max_logit, want_max, scale=want_max.abs().max().item() + 1)
     assert torch.equal(stats.argmax, want_arg)
     close(stats.mean_logit, want_mean, scale=want_mean.abs().max().item() + 1)
+    close(stats.log_sum_sq_prob, want_sq, scale=want_sq.abs().max().item() + 1)
     if case == "ties":
         valid = targets != -100
         assert torch.all(stats.argmax[valid] == 7)
@@ -58,11 +59,12 @@ def test_row_stats_see_the_mapped_logits(backend, scale, softcap):
     hidden, weight, bias, targets = make_inputs("basic")
     kwargs = dict(bias=bias, temperature=0.7, logit_scale=scale, logit_softcap=softcap)
     stats = fused_logprob_entropy(hidden, weight, targets, backend=backend, return_row_stats=True, **kwargs)
-    want_max, want_arg, want_mean = row_stats_f64(hidden, weight, targets, bias, 0.7, logit_scale=scale,
-                                                  logit_softcap=softcap)
+    want_max, want_arg, want_mean, want_sq = row_stats_f64(hidden, weight, targets, bias, 0.7, logit_scale=scale,
+                                                           logit_softcap=softcap)
     close(stats.max_logit, want_max, scale=want_max.abs().max().item() + 1)
     assert torch.equal(stats.argmax, want_arg)
     close(stats.mean_logit, want_mean, scale=1.0)
+    close(stats.log_sum_sq_prob, want_sq, scale=want_sq.abs().max().item() + 1)
 
 
 def test_row_stats_add_no_gemm(monkeypatch):

@@ -17,7 +17,7 @@ from test_integrations import batch, tiny_model
 trl = pytest.importorskip("trl")
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
-TRL_FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1")
+TRL_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _grads(output, params, fields=("log_probs", "entropy")):
@@ -60,6 +60,7 @@ def test_trl_fused_call_gets_gem_fast_numbers_equal_to_trls(model_type, monkeypa
     torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.mean_logits, want.mean_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.log_sum_sq_probs, want.log_sum_sq_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(got.label_mask, want.label_mask) and torch.equal(got.is_top1, want.is_top1)
     assert got.is_top1.any() and not got.is_top1[got.label_mask].all()
@@ -75,7 +76,7 @@ def test_fields_trl_did_not_ask_for_are_none_and_shift_labels_are_scored_unshift
     patch_causal_lm(model, backend="torch", temperature=0.5)  # TRL's head's T = 1 wins for its calls
     got = model(input_ids=ids, attention_mask=mask, shift_labels=targets, fused_lm_head=True)
     assert got.log_probs.shape == targets.shape
-    assert got.entropy is None and got.mean_logits is None and got.is_top1 is None
+    assert all(getattr(got, f) is None for f in TRL_FIELDS[1:])
     torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-4, atol=1e-5)
 
 
@@ -209,14 +210,15 @@ def _run(name, tiny_dir, out_dir, patched, monkeypatch, **extra):
 GRAD_BOUND = 5e-5
 # Logged metrics: the same sums, and differences of nearby log-probs (kl ~ 1e-6) that cancel.
 METRIC_REL, METRIC_ABS = 1e-4, 1e-6
-TRAINERS = {"grpo": {}, "rloo": {}, "dpo": {}, "kto": {}, "sft": {}, "sft_lora": {}, "grpo_lora": {},
+TRAINERS = {"grpo": {}, "rloo": {}, "dpo": {}, "dpo_weighting": {"use_weighting": True}, "kto": {}, "sft": {},
+            "sft_lora": {}, "grpo_lora": {},
             # The backbone in bf16 autocast, the head in fp32 as TRL's cast_lm_head_to_fp32 asks.
             "grpo_bf16_fp32_head": {"bf16": True, "cast_lm_head_to_fp32": True}}
 
 
 @pytest.mark.parametrize("case", list(TRAINERS))
 def test_trainer_runs_patched_and_matches_trls_own_head(case, tiny_dir, tmp_path, monkeypatch):
-    name = case.removesuffix("_bf16_fp32_head")
+    name = case.removesuffix("_bf16_fp32_head").removesuffix("_weighting")
     if name.endswith("_lora"):
         pytest.importorskip("peft")
     want_logs, want_grads, ours, theirs = _run(name, tiny_dir, tmp_path / "trl", False, monkeypatch, **TRAINERS[case])
@@ -244,9 +246,6 @@ def test_patch_trainer_refuses_what_gem_fast_cannot_answer(tiny_dir, tmp_path):
 
     from gem_fast.trl_support import patch_trainer
 
-    trainer = _trainer("dpo", *tiny_dir, tmp_path, TrainerCallback(), use_weighting=True)
-    with pytest.raises(ValueError, match="log_sum_sq_probs"):
-        patch_trainer(trainer)
     plain = _trainer("sft", *tiny_dir, tmp_path, TrainerCallback())
     plain.model.forward = type(plain.model).forward.__get__(plain.model)  # as if TRL had added no head
     with pytest.raises(ValueError, match="trainer.model: LlamaForCausalLM has no TRL fused head"):

@@ -239,6 +239,7 @@ class LogprobEntropyStats(NamedTuple):
     max_logit: torch.Tensor  # float32, max_j z_j
     argmax: torch.Tensor  # int64, the first j where z_j is the max (argmax == target: top-1)
     mean_logit: torch.Tensor  # float32, Σ_j z_j / V
+    log_sum_sq_prob: torch.Tensor  # float32, log Σ_j p_j² (DPO's use_weighting)
 
 
 def fused_logprob_entropy(
@@ -271,7 +272,7 @@ def fused_logprob_entropy(
     else 128 MiB on CUDA, 32 MiB elsewhere). ``dw_accumulation``: ``"input"`` adds dW up over
     chunks in the weight's dtype, ``"fp32"`` in an fp32 ``[V, H]`` accumulator (4·V·H bytes).
     ``return_row_stats``: a :class:`LogprobEntropyStats`, the row max, first argmax and mean of z
-    folded into the same pass (no extra GEMM). ``gemm_dtype``: the logit GEMM's operand dtype
+    and log Σ p² folded into the same pass (no extra GEMM). ``gemm_dtype``: the logit GEMM's operand dtype
     (e.g. float32 for TRL's ``cast_lm_head_to_fp32``), inside ``torch.autocast`` too; default as above.
     """
     call = _prepare_linear(hidden, weight, targets, bias, temperature, ignore_index, backend,
@@ -292,8 +293,8 @@ def fused_logprob_entropy(
     results = [t.view(targets.shape) for t in results]
     if not return_row_stats:
         return results[0], results[1]
-    logp, entropy, max_logit, argmax, logit_sum = results
-    return LogprobEntropyStats(logp, entropy, max_logit, argmax, logit_sum / weight.shape[0])
+    logp, entropy, max_logit, argmax, logit_sum, log_sum_sq_prob = results
+    return LogprobEntropyStats(logp, entropy, max_logit, argmax, logit_sum / weight.shape[0], log_sum_sq_prob)
 
 
 class LossWithStats(NamedTuple):

@@ -183,7 +183,8 @@ def linear_pass(
     per-token upstream weights ``grad_logp``, ``grad_entropy`` ([N] float32; zero on ignored rows).
     With both ``stats`` None and gradients needed, the row module computes the statistics and
     the logit gradient of a block in one call (one kernel on the Triton backend). ``extras``
-    ([N] tensors, statistics pass only): filled with each row's max, first argmax and sum of z.
+    ([N] tensors, statistics pass only): filled with each row's max, first argmax, sum of z and
+    Σ e^{2(z - max)}.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -236,8 +237,8 @@ def _row_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, logit_map, ignore_index, rows, plan, with_extras=False):
-        """-> (logp [N], entropy [N]), then with ``with_extras`` the :class:`RowExtras` of each row
-        (no gradient); every output is 0 on ignored rows."""
+        """-> (logp [N], entropy [N]), then with ``with_extras`` each row's max z, first argmax,
+        Σ z and log Σ p² (no gradient); every output is 0 on ignored rows."""
         row_targets, valid = _row_targets(targets, ignore_index)
         extras = RowExtras.empty(hidden.shape[0], hidden.device) if with_extras else None
         stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, logit_map, plan, extras=extras)
@@ -246,6 +247,8 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         logp = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if extras is None:
             return logp, torch.where(valid, stats.entropy, 0.0)
+        # log Σ p² = log Σ e^{2(z-m)} - 2 log Σ e^{z-m}, and log Σ e^{z-m} = lse - m.
+        extras = extras._replace(sum_sq_exp=extras.sum_sq_exp.log() - 2 * (stats.lse - extras.max_logit))
         extras = [torch.where(valid, t, 0) for t in extras]
         ctx.mark_non_differentiable(*extras)
         return logp, torch.where(valid, stats.entropy, 0.0), *extras

@@ -41,17 +41,18 @@ class LogitMap(NamedTuple):
 
 class RowExtras(NamedTuple):
     """Row statistics of z besides log-sum-exp and entropy, from the same pass: [R] tensors that
-    a row pass fills in place when it is handed them (TRL's ``is_top1`` and ``mean_logits``)."""
+    a row pass fills in place when it is handed them (TRL's ``is_top1``, ``mean_logits`` and
+    ``log_sum_sq_probs``)."""
 
     max_logit: torch.Tensor  # float32, max_j z_j
     argmax: torch.Tensor  # int64, the first j where z_j is the max
     logit_sum: torch.Tensor  # float32, Σ_j z_j
+    sum_sq_exp: torch.Tensor  # float32, Σ_j exp(2 (z_j - max)): log Σ p² = log of it - 2 (lse - max)
 
     @classmethod
     def empty(cls, n_rows: int, device: torch.device) -> "RowExtras":
-        return cls(torch.empty(n_rows, dtype=torch.float32, device=device),
-                   torch.empty(n_rows, dtype=torch.int64, device=device),
-                   torch.empty(n_rows, dtype=torch.float32, device=device))
+        return cls(*(torch.empty(n_rows, dtype=dtype, device=device)
+                     for dtype in (torch.float32, torch.int64, torch.float32, torch.float32)))
 
     def rows(self, part: slice) -> "RowExtras":
         return RowExtras(*(t[part] for t in self))

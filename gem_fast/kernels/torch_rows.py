@@ -42,7 +42,7 @@ def row_stats(
 
     logits [R, V]; targets [R] int64 or None (a target outside [0, V) matches nothing and gives
     target logit 0). Returns three float32 [R] tensors (the last is None without targets).
-    ``extras``: [R] tensors to fill with the row's max z, its first argmax and Σ_j z_j.
+    ``extras``: [R] tensors to fill with the row's max z, its first argmax, Σ_j z_j and Σ_j e^{2(z_j - max)}.
     """
     parts = [_row_stats(logits[part], None if targets is None else targets[part], logit_map,
                         None if extras is None else extras.rows(part))
@@ -77,6 +77,8 @@ def _row_stats(
     # Σ e·(z - m) in place of the shifted logits; torch's sum, not a BLAS dot, because its
     # pairwise reduction keeps fp32 error flat over a 128k vocab (a dot grows with V).
     t = shifted.mul_(e).sum(-1)
+    if extras is not None:
+        extras.sum_sq_exp.copy_(e.square_().sum(-1))  # e is not needed after this
     lse = row_max.squeeze(-1) + torch.log(s)
     return lse.float(), (torch.log(s) - t / s).float(), target_logit
 

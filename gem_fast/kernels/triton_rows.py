@@ -5,7 +5,7 @@ One kernel family: each program owns ``BLOCK_R`` rows and streams the vocabulary
 ``t = Σ e^{z-m} (z-m)``) in fp32 registers, so no probability tensor is ever written. The
 softmax sees z = LogitMap(x) of the raw logits x (scale, soft-cap, temperature).
 ``row_stats`` gives log-sum-exp, entropy and the target logit (and on request the row max, its
-argmax and the sum of z); ``row_grad`` writes the logit
+argmax, the sum of z and Σ e^{2(z-m)}); ``row_grad`` writes the logit
 gradient tile by tile (in place when ``out`` is the logits block); ``row_stats_and_grad`` does
 both in one kernel, the second sweep of a row reading it back from L2 rather than HBM.
 
@@ -49,8 +49,8 @@ def _load_mapped(ptrs, ok, factor, pre, post, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_EXTRAS: tl.constexpr):
-    """(lse, entropy, target logit, max, first argmax, Σ z) of BLOCK_R rows of z = LogitMap(logits),
-    one sweep over V; the last two only with HAS_EXTRAS (else zeros)."""
+    """(lse, entropy, target logit, max, first argmax, Σ z, Σ e^{2(z-max)}) of BLOCK_R rows of
+    z = LogitMap(logits), one sweep over V; the last three only with HAS_EXTRAS (else zeros)."""
     # -inf start (not 0): all-negative logits must not be clipped at exp(0 - 0).
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
@@ -58,6 +58,7 @@ def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.co
     tz = tl.zeros([BLOCK_R], tl.float32)
     arg = tl.zeros([BLOCK_R], tl.int64)
     zs = tl.zeros([BLOCK_R], tl.float32)
+    sq = tl.zeros([BLOCK_R], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < V)[None, :]
@@ -78,10 +79,12 @@ def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.co
         rebase = tl.where(s > 0, (m - shift) * s, 0.0)
         t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
         s = s * alpha + tl.sum(e, axis=1)
+        if HAS_EXTRAS:
+            sq = sq * alpha * alpha + tl.sum(e * e, axis=1)
         m = m_new
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    return m + tl.log(s), tl.log(s) - t / s, tz, m, arg, zs
+    return m + tl.log(s), tl.log(s) - t / s, tz, m, arg, zs, sq
 
 
 @triton.jit
@@ -118,7 +121,7 @@ def _write_grad(row_base, out_base, row_ok, tgt, lse, entropy, g_lp, g_h, V, fac
 
 @triton.jit
 def _row_stats_kernel(
-    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, max_ptr, arg_ptr, sum_ptr, R, V, factor, pre, post,
+    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, max_ptr, arg_ptr, sum_ptr, sq_ptr, R, V, factor, pre, post,
     HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_EXTRAS: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -127,8 +130,9 @@ def _row_stats_kernel(
     tgt = rows  # unused without targets
     if HAS_TARGET:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    lse, ent, tz, m, arg, zs = _online_stats(z_ptr + rows.to(tl.int64)[:, None] * stride_z, row_ok, tgt, V, factor,
-                                             pre, post, HAS_TARGET, HAS_SOFTCAP, BLOCK_R, BLOCK_V, HAS_EXTRAS)
+    lse, ent, tz, m, arg, zs, sq = _online_stats(z_ptr + rows.to(tl.int64)[:, None] * stride_z, row_ok, tgt, V,
+                                                 factor, pre, post, HAS_TARGET, HAS_SOFTCAP, BLOCK_R, BLOCK_V,
+                                                 HAS_EXTRAS)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(ent_ptr + rows, ent, mask=row_ok)
     if HAS_TARGET:
@@ -137,6 +141,7 @@ def _row_stats_kernel(
         tl.store(max_ptr + rows, m, mask=row_ok)
         tl.store(arg_ptr + rows, arg, mask=row_ok)
         tl.store(sum_ptr + rows, zs, mask=row_ok)
+        tl.store(sq_ptr + rows, sq, mask=row_ok)
 
 
 @triton.jit
@@ -168,8 +173,8 @@ def _row_stats_and_grad_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     row_base = z_ptr + rows64 * stride_z
-    lse, ent, tz, _, _, _ = _online_stats(row_base, row_ok, tgt, V, factor, pre, post, True, HAS_SOFTCAP, BLOCK_R,
-                                          BLOCK_V, False)
+    lse, ent, tz, _, _, _, _ = _online_stats(row_base, row_ok, tgt, V, factor, pre, post, True, HAS_SOFTCAP,
+                                             BLOCK_R, BLOCK_V, False)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(ent_ptr + rows, ent, mask=row_ok)
     tl.store(tz_ptr + rows, tz, mask=row_ok)
@@ -213,7 +218,8 @@ def row_stats(
 
     logits [R, V] (rows may be strided); targets [R] int64 or None (a target outside [0, V)
     matches nothing and gives target logit 0). Returns float32 [R] tensors. ``extras``:
-    contiguous [R] tensors to fill, in the same sweep, with the row's max z, its first argmax and Σ_j z_j.
+    contiguous [R] tensors to fill, in the same sweep, with the row's max z, its first argmax, Σ_j z_j
+    and Σ_j e^{2(z_j - max)}.
     """
     logits = _unit_stride(logits)
     n_rows, vocab = logits.shape
@@ -225,7 +231,7 @@ def row_stats(
         logits, logits.stride(0),
         targets.contiguous() if targets is not None else lse,
         lse, entropy, target_logit if target_logit is not None else lse,
-        *(extras if extras is not None else (lse, lse, lse)),
+        *(extras if extras is not None else (lse,) * len(RowExtras._fields)),
         n_rows, vocab, **_map_args(logit_map),
         HAS_TARGET=targets is not None, HAS_EXTRAS=extras is not None, BLOCK_R=block_r, BLOCK_V=block_v,
         num_warps=warps,
