@@ -52,8 +52,8 @@ def test_trl_fused_call_gets_gem_fast_numbers_equal_to_trls(model_type, monkeypa
     params = list(trl_model.parameters())
     want_grads = _grads(want, params)
 
-    patch_causal_lm(trl_model, backend="torch")  # after TRL's head, as on a trainer's model: its T=0.7 applies
-    calls.clear()  # a patch that verifies itself calls the kernel too
+    patch_causal_lm(trl_model, temperature=0.7, backend="torch")  # after TRL's head, as on a trainer's model
+    calls.clear()  # the patch's own verification
     got = trl_model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     assert len(calls) == 1 and calls[0]["return_row_stats"] and calls[0]["temperature"] == 0.7
     assert isinstance(got, TrlFusedOutput) and got.log_probs.shape == want.log_probs.shape == (2, ids.shape[1] - 1)
