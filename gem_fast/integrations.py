@@ -142,8 +142,9 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
     ``temperature`` (default: this call's); with them it returns :class:`FusedLogprobOutput` (no
     logits). TRL's convention works too: ``model(..., labels=labels, fused_lm_head=True)``
     (``labels`` aligned with ``input_ids``, or pre-shifted ``shift_labels``) returns
-    :class:`TrlFusedOutput` at this call's ``temperature``, so patching a model after TRL's
-    trainer has added its own fused head makes TRL read gem_fast's numbers. ``backend`` and
+    :class:`TrlFusedOutput` with the settings of the TRL head it replaced (temperature, fields,
+    fp32 head; :mod:`gem_fast.trl_support`), so patching a model after TRL's trainer has added its
+    own fused head makes TRL read gem_fast's numbers. ``backend`` and
     ``kernel_options`` (``block_bytes``, ``dw_accumulation``, ``drop_ignored_rows``) go to
     :func:`gem_fast.kernels.fused_logprob_entropy`.
 

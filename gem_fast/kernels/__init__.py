@@ -15,6 +15,7 @@ sync (the number of kept rows).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -38,6 +39,7 @@ from .chunked import (
 __all__ = [
     "BACKENDS",
     "DW_ACCUMULATIONS",
+    "LogprobEntropyStats",
     "LossWithStats",
     "entropy_from_logits",
     "fused_logprob_entropy",
@@ -149,11 +151,14 @@ def _prepare_linear(
     backend: str,
     logit_scale: float,
     logit_softcap: float | None,
+    gemm_dtype: torch.dtype | None = None,
 ) -> _Linear:
     """Validate, resolve the backend, flatten and bring the GEMM operands to one dtype."""
     _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, logit_scale, logit_softcap)
+    if gemm_dtype is not None and gemm_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"gemm_dtype: expected None or one of {_FLOAT_DTYPES}, got {gemm_dtype!r}")
     backend = resolve_backend(backend, hidden.device)
-    flat_hidden, weight, bias = _gemm_operands(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    flat_hidden, weight, bias = _gemm_operands(hidden.reshape(-1, hidden.shape[-1]), weight, bias, gemm_dtype)
     logit_map = LogitMap(1.0 / temperature, float(logit_scale), None if logit_softcap is None else float(logit_softcap))
     return _Linear(backend, flat_hidden, weight, bias, targets.reshape(-1).long(), logit_map)
 
@@ -173,17 +178,17 @@ def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int
 
 
 def _gemm_operands(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One dtype for the logit GEMM. Inside ``torch.autocast`` the autocast dtype, as ``nn.Linear``
-    would take: fp32 leaves (master weights) get fp32 gradient tensors of bf16-rounded values.
-    Otherwise the widest of the inputs' dtypes (a bf16 hidden with an fp32 ``lm_head``, as TRL's
-    ``cast_lm_head_to_fp32`` makes it, runs in fp32). The casts are differentiable, so each input's
-    gradient comes back in its own dtype."""
+    """One dtype for the logit GEMM: ``dtype`` where the caller names one. Else inside
+    ``torch.autocast`` the autocast dtype, as ``nn.Linear`` would take: fp32 leaves (master
+    weights) get fp32 gradient tensors of bf16-rounded values. Otherwise the widest of the inputs'
+    dtypes (a bf16 hidden with an fp32 ``lm_head`` runs in fp32). The casts are differentiable, so
+    each input's gradient comes back in its own dtype."""
     device_type = hidden.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+    if dtype is None and device_type != "meta" and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-    else:
+    elif dtype is None:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
         dtype = dtype if bias is None else torch.promote_types(dtype, bias.dtype)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -225,6 +230,18 @@ def _check_token_weights(name: str, weights: torch.Tensor, targets: torch.Tensor
     _check_same_device(targets.device, **{name: weights})
 
 
+class LogprobEntropyStats(NamedTuple):
+    """:func:`fused_logprob_entropy` with ``return_row_stats=True``: log-prob and entropy, then row
+    statistics of z from the same pass (shaped like targets, 0 on ignored rows, no gradient)."""
+
+    logp: torch.Tensor  # float32, differentiable
+    entropy: torch.Tensor  # float32, differentiable
+    max_logit: torch.Tensor  # float32, max_j z_j
+    argmax: torch.Tensor  # int64, the first j where z_j is the max (argmax == target: top-1)
+    mean_logit: torch.Tensor  # float32, Σ_j z_j / V
+    log_sum_sq_prob: torch.Tensor  # float32, log Σ_j p_j² (DPO's use_weighting)
+
+
 def fused_logprob_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -239,7 +256,9 @@ def fused_logprob_entropy(
     drop_ignored_rows: bool = False,
     block_bytes: int | None = None,
     dw_accumulation: str = "input",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_row_stats: bool = False,
+    gemm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | LogprobEntropyStats:
     """Log-prob of ``targets`` and softmax entropy (nats) per token, without [N, V] logits.
 
     hidden [..., H], weight [V, H], targets [...] int64, bias [V] or None. The softmax sees
@@ -252,20 +271,30 @@ def fused_logprob_entropy(
     ``block_bytes``: bytes of one ``[chunk, V]`` logits block (default $GEM_FAST_BLOCK_BYTES,
     else 128 MiB on CUDA, 32 MiB elsewhere). ``dw_accumulation``: ``"input"`` adds dW up over
     chunks in the weight's dtype, ``"fp32"`` in an fp32 ``[V, H]`` accumulator (4·V·H bytes).
+    ``return_row_stats``: a :class:`LogprobEntropyStats`, the row max, first argmax and mean of z
+    and log Σ p² folded into the same pass (no extra GEMM). ``gemm_dtype``: the logit GEMM's operand dtype
+    (e.g. float32 for TRL's ``cast_lm_head_to_fp32``), inside ``torch.autocast`` too; default as above.
     """
     call = _prepare_linear(hidden, weight, targets, bias, temperature, ignore_index, backend,
-                           logit_scale, logit_softcap)
+                           logit_scale, logit_softcap, gemm_dtype)
     plan = _chunk_plan(hidden.device, block_bytes, dw_accumulation)
     if call.backend == "naive":
-        logp, entropy = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
-                                              ignore_index)
-        return logp.view(targets.shape), entropy.view(targets.shape)
-    rows = _valid_rows(call.targets, ignore_index, drop_ignored_rows)
-    logp, entropy = _LinearLogprobEntropy.apply(
-        _take_rows(call.hidden, rows), call.weight, call.bias, _take_rows(call.targets, rows), call.logit_map,
-        ignore_index, _row_ops(call.backend), plan,
-    )
-    return _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape)
+        # An explicit gemm_dtype holds inside autocast too, which would recast naive's F.linear.
+        with contextlib.nullcontext() if gemm_dtype is None else torch.autocast(hidden.device.type, enabled=False):
+            results = naive.logprob_entropy(call.hidden, call.weight, call.targets, call.bias, call.logit_map,
+                                            ignore_index, return_row_stats)
+    else:
+        rows = _valid_rows(call.targets, ignore_index, drop_ignored_rows)
+        results = _LinearLogprobEntropy.apply(
+            _take_rows(call.hidden, rows), call.weight, call.bias, _take_rows(call.targets, rows), call.logit_map,
+            ignore_index, _row_ops(call.backend), plan, return_row_stats,
+        )
+        results = [_scatter_rows(t, rows, targets.shape) for t in results]
+    results = [t.view(targets.shape) for t in results]
+    if not return_row_stats:
+        return results[0], results[1]
+    logp, entropy, max_logit, argmax, logit_sum, log_sum_sq_prob = results
+    return LogprobEntropyStats(logp, entropy, max_logit, argmax, logit_sum / weight.shape[0], log_sum_sq_prob)
 
 
 class LossWithStats(NamedTuple):

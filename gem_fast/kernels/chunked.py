@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .logit_map import LogitMap
+from .logit_map import LogitMap, RowExtras
 
 # Bytes of one chunk's [rows, V] logits block, counted in the block's own dtype.
 BLOCK_BYTES = {"cuda": 128 * 2**20, "cpu": 32 * 2**20}
@@ -171,6 +171,7 @@ def linear_pass(
     plan: ChunkPlan,
     *,
     stats: RowStats | None = None,
+    extras: RowExtras | None = None,
     grad_logp: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
     needs: tuple[bool, bool, bool] = (False, False, False),
@@ -181,11 +182,15 @@ def linear_pass(
     ``stats`` None: computed here. ``needs`` = which of (hidden, weight, bias) get gradients for
     per-token upstream weights ``grad_logp``, ``grad_entropy`` ([N] float32; zero on ignored rows).
     With both ``stats`` None and gradients needed, the row module computes the statistics and
-    the logit gradient of a block in one call (one kernel on the Triton backend).
+    the logit gradient of a block in one call (one kernel on the Triton backend). ``extras``
+    ([N] tensors, statistics pass only): filled with each row's max, first argmax, sum of z and
+    Σ e^{2(z - max)}.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     compute_stats = stats is None
+    if extras is not None and (not compute_stats or any(needs)):
+        raise ValueError("extras: filled by the statistics pass only (stats None, no gradients)")
     if compute_stats:
         stats = RowStats(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)))
     need_h, need_w, need_b = needs
@@ -202,7 +207,7 @@ def linear_pass(
         tgt = targets[part]
         if not any(needs):
             stats.lse[part], stats.entropy[part], stats.target_logit[part] = rows.row_stats(
-                block, tgt, logit_map)
+                block, tgt, logit_map, None if extras is None else extras.rows(part))
             continue
         if compute_stats:
             (stats.lse[part], stats.entropy[part], stats.target_logit[part]), d_block = rows.row_stats_and_grad(
@@ -231,16 +236,25 @@ def _row_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, logit_map, ignore_index, rows, plan):
+    def forward(ctx, hidden, weight, bias, targets, logit_map, ignore_index, rows, plan, with_extras=False):
+        """-> (logp [N], entropy [N]), then with ``with_extras`` each row's max z, first argmax,
+        Σ z and log Σ p² (no gradient); every output is 0 on ignored rows."""
         row_targets, valid = _row_targets(targets, ignore_index)
-        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, logit_map, plan)
+        extras = RowExtras.empty(hidden.shape[0], hidden.device) if with_extras else None
+        stats, _ = linear_pass(rows, hidden, weight, bias, row_targets, logit_map, plan, extras=extras)
         ctx.save_for_backward(hidden, weight, bias, row_targets, valid, stats.lse, stats.entropy)
         ctx.logit_map, ctx.rows, ctx.plan = logit_map, rows, plan
         logp = torch.where(valid, stats.target_logit - stats.lse, 0.0)
-        return logp, torch.where(valid, stats.entropy, 0.0)
+        if extras is None:
+            return logp, torch.where(valid, stats.entropy, 0.0)
+        # log Σ p² = log Σ e^{2(z-m)} - 2 log Σ e^{z-m}, and log Σ e^{z-m} = lse - m.
+        extras = extras._replace(sum_sq_exp=extras.sum_sq_exp.log() - 2 * (stats.lse - extras.max_logit))
+        extras = [torch.where(valid, t, 0) for t in extras]
+        ctx.mark_non_differentiable(*extras)
+        return logp, torch.where(valid, stats.entropy, 0.0), *extras
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_extras):
         hidden, weight, bias, row_targets, valid, lse, entropy = ctx.saved_tensors
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # An unused output arrives as None; ignored rows get no gradient whatever flows in.
@@ -251,7 +265,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
             stats=RowStats(lse, entropy, None), grad_logp=g_lp, grad_entropy=g_h,
             needs=tuple(ctx.needs_input_grad[:3]),
         )
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
 
 
 class _WeightedLogprobLoss(torch.autograd.Function):

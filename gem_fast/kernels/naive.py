@@ -34,10 +34,20 @@ def logprob_entropy(
     bias: torch.Tensor | None,
     logit_map: LogitMap,
     ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target log-prob and entropy per token: hidden [N, H], weight [V, H] -> two float32 [N]."""
-    logp_all, entropy = _log_softmax_and_entropy(F.linear(hidden, weight, bias), logit_map)
+    with_extras: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Target log-prob and entropy per token: hidden [N, H], weight [V, H] -> two float32 [N]; with
+    ``with_extras`` also max z (float32), its first argmax (int64), Σ_j z_j and log Σ_j p_j² (float32),
+    no gradient."""
+    logits = F.linear(hidden, weight, bias)
+    logp_all, entropy = _log_softmax_and_entropy(logits, logit_map)
     valid = targets != ignore_index
     logp = logp_all.gather(-1, torch.where(valid, targets, 0)[:, None]).squeeze(-1)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    return torch.where(valid, logp, zero).float(), torch.where(valid, entropy, zero).float()
+    out = (torch.where(valid, logp, zero).float(), torch.where(valid, entropy, zero).float())
+    if not with_extras:
+        return out
+    z = logit_map.apply(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)))
+    max_logit, argmax = z.max(-1)
+    log_sum_sq = torch.logsumexp(2 * logp_all.detach(), -1)
+    return *out, *(torch.where(valid, t, 0) for t in (max_logit.float(), argmax, z.sum(-1).float(), log_sum_sq.float()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .logit_map import LogitMap
+from .logit_map import LogitMap, RowExtras
 
 # The functions allocate per-row temporaries, so callers hand them block-sized row chunks.
 STREAMS_ROWS = False
@@ -36,14 +36,16 @@ def _mapped_finite(logits: torch.Tensor, logit_map: LogitMap, into: torch.Tensor
 
 
 def row_stats(
-    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap
+    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap, extras: RowExtras | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row log-sum-exp, entropy (nats) and target logit of z = ``logit_map``(logits).
 
     logits [R, V]; targets [R] int64 or None (a target outside [0, V) matches nothing and gives
     target logit 0). Returns three float32 [R] tensors (the last is None without targets).
+    ``extras``: [R] tensors to fill with the row's max z, its first argmax, Σ_j z_j and Σ_j e^{2(z_j - max)}.
     """
-    parts = [_row_stats(logits[part], None if targets is None else targets[part], logit_map)
+    parts = [_row_stats(logits[part], None if targets is None else targets[part], logit_map,
+                        None if extras is None else extras.rows(part))
              for part in _slices(logits)]
     if len(parts) == 1:
         return parts[0]
@@ -52,7 +54,7 @@ def row_stats(
 
 
 def _row_stats(
-    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap
+    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap, extras: RowExtras | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     z = _mapped_finite(logits, logit_map)
     target_logit = None
@@ -60,15 +62,23 @@ def _row_stats(
         in_range = (targets >= 0) & (targets < z.shape[-1])
         picked = z.gather(-1, torch.where(in_range, targets, 0)[:, None]).squeeze(-1)
         target_logit = torch.where(in_range, picked, 0.0).float()
+    if extras is None:
+        row_max = z.amax(-1, keepdim=True)
+    else:
+        extras.logit_sum.copy_(z.sum(-1))  # before the shift below overwrites z
+        row_max, argmax = z.max(-1, keepdim=True)  # the first maximum, as argmax
+        extras.max_logit.copy_(row_max.squeeze(-1))
+        extras.argmax.copy_(argmax.squeeze(-1))
     # Entropy from logits shifted by the row max: H = log s - Σ e (z - m) / s. The unshifted
     # lse - Σ p z cancels two numbers of size |z| and loses everything when logits are ~ -1e3.
-    row_max = z.amax(-1, keepdim=True)
     shifted = z.sub_(row_max)
     e = shifted.exp()
     s = e.sum(-1)
     # Σ e·(z - m) in place of the shifted logits; torch's sum, not a BLAS dot, because its
     # pairwise reduction keeps fp32 error flat over a 128k vocab (a dot grows with V).
     t = shifted.mul_(e).sum(-1)
+    if extras is not None:
+        extras.sum_sq_exp.copy_(e.square_().sum(-1))  # e is not needed after this
     lse = row_max.squeeze(-1) + torch.log(s)
     return lse.float(), (torch.log(s) - t / s).float(), target_logit
 

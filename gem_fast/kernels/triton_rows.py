@@ -4,7 +4,8 @@ One kernel family: each program owns ``BLOCK_R`` rows and streams the vocabulary
 ``BLOCK_V`` tiles, keeping the online softmax statistics (running max ``m``, ``s = Σ e^{z-m}``,
 ``t = Σ e^{z-m} (z-m)``) in fp32 registers, so no probability tensor is ever written. The
 softmax sees z = LogitMap(x) of the raw logits x (scale, soft-cap, temperature).
-``row_stats`` gives log-sum-exp, entropy and the target logit; ``row_grad`` writes the logit
+``row_stats`` gives log-sum-exp, entropy and the target logit (and on request the row max, its
+argmax, the sum of z and Σ e^{2(z-m)}); ``row_grad`` writes the logit
 gradient tile by tile (in place when ``out`` is the logits block); ``row_stats_and_grad`` does
 both in one kernel, the second sweep of a row reading it back from L2 rather than HBM.
 
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logit_map import LogitMap
+from .logit_map import LogitMap, RowExtras
 
 # Upper bound on the vocab tile. Tests lower it to force several ragged tiles on small vocabs.
 MAX_BLOCK_V = 4096
@@ -46,20 +47,30 @@ def _load_mapped(ptrs, ok, factor, pre, post, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _online_stats(row_base, row_ok, tgt, V, factor, pre, post,
-                  HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(lse, entropy, target logit) of BLOCK_R rows of z = LogitMap(logits), one sweep over V."""
+def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_EXTRAS: tl.constexpr):
+    """(lse, entropy, target logit, max, first argmax, Σ z, Σ e^{2(z-max)}) of BLOCK_R rows of
+    z = LogitMap(logits), one sweep over V; the last three only with HAS_EXTRAS (else zeros)."""
     # -inf start (not 0): all-negative logits must not be clipped at exp(0 - 0).
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
     t = tl.zeros([BLOCK_R], tl.float32)
     tz = tl.zeros([BLOCK_R], tl.float32)
+    arg = tl.zeros([BLOCK_R], tl.int64)
+    zs = tl.zeros([BLOCK_R], tl.float32)
+    sq = tl.zeros([BLOCK_R], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < V)[None, :]
         # Out-of-range columns read as -inf so they add exp(-inf) = 0, never exp(0).
         z = _load_mapped(row_base + cols[None, :], ok, factor, pre, post, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        tile_max = tl.max(z, axis=1)
+        if HAS_EXTRAS:
+            # Strictly greater: a later tile that only ties keeps the earlier (first) argmax.
+            tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + v0
+            arg = tl.where(tile_max > m, tile_arg, arg)
+            zs += tl.sum(tl.where(ok, z, 0.0), axis=1)
+        m_new = tl.maximum(m, tile_max)
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
         e = tl.exp(z - shift[:, None])
         # t = Σ e^{z-m} (z - m) relative to the running max (not Σ e^{z-m} z, which cancels
@@ -68,10 +79,12 @@ def _online_stats(row_base, row_ok, tgt, V, factor, pre, post,
         rebase = tl.where(s > 0, (m - shift) * s, 0.0)
         t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
         s = s * alpha + tl.sum(e, axis=1)
+        if HAS_EXTRAS:
+            sq = sq * alpha * alpha + tl.sum(e * e, axis=1)
         m = m_new
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    return m + tl.log(s), tl.log(s) - t / s, tz
+    return m + tl.log(s), tl.log(s) - t / s, tz, m, arg, zs, sq
 
 
 @triton.jit
@@ -108,20 +121,27 @@ def _write_grad(row_base, out_base, row_ok, tgt, lse, entropy, g_lp, g_h, V, fac
 
 @triton.jit
 def _row_stats_kernel(
-    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, R, V, factor, pre, post,
-    HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, tz_ptr, max_ptr, arg_ptr, sum_ptr, sq_ptr, R, V, factor, pre, post,
+    HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_EXTRAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     tgt = rows  # unused without targets
     if HAS_TARGET:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    lse, ent, tz = _online_stats(z_ptr + rows.to(tl.int64)[:, None] * stride_z, row_ok, tgt, V, factor, pre, post,
-                                 HAS_TARGET, HAS_SOFTCAP, BLOCK_R, BLOCK_V)
+    lse, ent, tz, m, arg, zs, sq = _online_stats(z_ptr + rows.to(tl.int64)[:, None] * stride_z, row_ok, tgt, V,
+                                                 factor, pre, post, HAS_TARGET, HAS_SOFTCAP, BLOCK_R, BLOCK_V,
+                                                 HAS_EXTRAS)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(ent_ptr + rows, ent, mask=row_ok)
     if HAS_TARGET:
         tl.store(tz_ptr + rows, tz, mask=row_ok)
+    if HAS_EXTRAS:
+        tl.store(max_ptr + rows, m, mask=row_ok)
+        tl.store(arg_ptr + rows, arg, mask=row_ok)
+        tl.store(sum_ptr + rows, zs, mask=row_ok)
+        tl.store(sq_ptr + rows, sq, mask=row_ok)
 
 
 @triton.jit
@@ -153,7 +173,8 @@ def _row_stats_and_grad_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     row_base = z_ptr + rows64 * stride_z
-    lse, ent, tz = _online_stats(row_base, row_ok, tgt, V, factor, pre, post, True, HAS_SOFTCAP, BLOCK_R, BLOCK_V)
+    lse, ent, tz, _, _, _, _ = _online_stats(row_base, row_ok, tgt, V, factor, pre, post, True, HAS_SOFTCAP,
+                                             BLOCK_R, BLOCK_V, False)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(ent_ptr + rows, ent, mask=row_ok)
     tl.store(tz_ptr + rows, tz, mask=row_ok)
@@ -191,12 +212,14 @@ def _check_out(out: torch.Tensor) -> None:
 
 
 def row_stats(
-    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap
+    logits: torch.Tensor, targets: torch.Tensor | None, logit_map: LogitMap, extras: RowExtras | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row log-sum-exp, entropy (nats) and target logit of z = ``logit_map``(logits).
 
     logits [R, V] (rows may be strided); targets [R] int64 or None (a target outside [0, V)
-    matches nothing and gives target logit 0). Returns float32 [R] tensors.
+    matches nothing and gives target logit 0). Returns float32 [R] tensors. ``extras``:
+    contiguous [R] tensors to fill, in the same sweep, with the row's max z, its first argmax, Σ_j z_j
+    and Σ_j e^{2(z_j - max)}.
     """
     logits = _unit_stride(logits)
     n_rows, vocab = logits.shape
@@ -208,8 +231,10 @@ def row_stats(
         logits, logits.stride(0),
         targets.contiguous() if targets is not None else lse,
         lse, entropy, target_logit if target_logit is not None else lse,
+        *(extras if extras is not None else (lse,) * len(RowExtras._fields)),
         n_rows, vocab, **_map_args(logit_map),
-        HAS_TARGET=targets is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        HAS_TARGET=targets is not None, HAS_EXTRAS=extras is not None, BLOCK_R=block_r, BLOCK_V=block_v,
+        num_warps=warps,
     )
     return lse, entropy, target_logit
 
