@@ -275,3 +275,38 @@ def _bad_calls():
 def test_bad_input_names_the_argument(argument, call):
     with pytest.raises(ValueError, match=rf"^{argument}:"):
         call()
+
+
+_SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import gem_fast.kernels.triton_sample as ts
+
+common = dict(x_ptr="*bf16", stride_x="i32", seed_ptr="*i64", seed_stride="i32", step_ptr="*i64", part_ptr="*fp32",
+              idx_ptr="*i64", R="i32", V="i32", n_chunks="i32", factor="fp32", BLOCK_R="constexpr", BLOCK_V="constexpr")
+kernels = [(ts._chunk_kernel, dict(common, tiles="i32", GREEDY="constexpr"), dict(GREEDY=False)),
+           (ts._merge_kernel, dict(common, token_ptr="*i64", entropy_ptr="*fp32", top_p="fp32", TOP_P="constexpr",
+                                   BLOCK_S="constexpr"), dict(TOP_P=True, BLOCK_S=64))]
+for kernel, signature, constexprs in kernels:
+    signature = {name: signature[name] for name in kernel.arg_names}
+    source = ASTSource(kernel, signature, constexprs=dict(constexprs, BLOCK_R=1, BLOCK_V=2048))
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["cubin"]
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_an_h100_without_one():
+    # The interpreter accepts code the GPU compiler rejects (loops on tensors, int64 constants):
+    # compile both kernels to sm_90 machine code (Triton ships ptxas) in a process without the interpreter.
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this tree's gem_fast
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
