@@ -144,8 +144,13 @@ def bernstein_halfwidth(n: int, p: float, delta: float) -> float:
     return log_term / 3 + math.sqrt((log_term / 3) ** 2 + 2 * var * log_term)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.5, 0.8)])
-@pytest.mark.parametrize("backend", BACKENDS)
+# Under the interpreter only the top-p case (the kernel's longest path); token equality with the
+# torch backend covers the others there.
+FREQUENCY_CASES = [("torch", 1.0, 1.0), ("torch", 0.6, 1.0), ("torch", 1.5, 0.8), ("triton", 1.5, 0.8)] + (
+    [("triton", 1.0, 1.0), ("triton", 0.6, 1.0)] if CUDA else [])
+
+
+@pytest.mark.parametrize("backend,temperature,top_p", FREQUENCY_CASES)
 def test_draw_frequencies_match_softmax_within_top_p(backend, temperature, top_p):
     # One logits row repeated over many rows and steps: n independent draws (rows and steps both
     # enter the hash). Each token's count must lie within Bernstein's bound of n·p with

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .sample_rows import HASH_MULTIPLIERS, KEY2_SALT
+from .triton_rows import _online_softmax_update
 
 # Upper bound on the vocab tile; tests lower it to force ragged tiles and chunks on small vocabs.
 MAX_BLOCK_V = 2048
@@ -106,15 +107,7 @@ def _chunk_kernel(
         cols = (chunk * tiles + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < V)[None, :]
         z = _load_z(row_base, cols, ok, factor)
-        # The online softmax statistics of triton_rows._online_stats (why: see there).
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        e = tl.exp(z - shift[:, None])
-        alpha = tl.exp(m - shift)
-        rebase = tl.where(s > 0, (m - shift) * s, 0.0)
-        t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = _online_softmax_update(m, s, t, z)
         score = z if GREEDY else z + _gumbel(cols, key1, key2)
         best, best_idx = _best(score, cols, best, best_idx)
     out = part_ptr + (rows * n_chunks + chunk) * 4
