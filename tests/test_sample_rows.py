@@ -192,12 +192,13 @@ def test_no_host_sync_and_fixed_shapes_over_steps(backend, top_p):
     assert all(len(shape) <= 3 and shape[:1] in ((), (6,), (333,)) for _, shape, _ in traces[0]), traces[0]
 
 
-def test_compiles_fullgraph_on_cpu():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compiles_fullgraph_on_cpu(backend):
     logits = make_logits("basic").cpu()
     seed, step = torch.tensor(9), torch.tensor(4)
 
     def step_fn(logits, seed, step):
-        return sample_tokens(logits, seed, step, temperature=0.7, top_p=0.9, backend="torch")
+        return sample_tokens(logits, seed, step, temperature=0.7, top_p=0.9, backend=backend)
 
     compiled = torch.compile(step_fn, fullgraph=True, backend="inductor")
     tokens, entropy = compiled(logits, seed, step)

@@ -68,7 +68,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             )
         return backend
     chosen = "triton" if device.type == "cuda" else "torch"
-    if device.type not in _auto_logged:
+    # Traced code cannot log (fullgraph compile): the first eager call logs the same choice.
+    if device.type not in _auto_logged and not torch.compiler.is_compiling():
         _auto_logged.add(device.type)
         _log.info("gem_fast.kernels: backend 'auto' runs as %r on %s", chosen, device.type)
     return chosen
