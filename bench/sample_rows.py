@@ -132,7 +132,8 @@ def run(setup: Setup, device: torch.device, log: Callable[[str], None] = print,
                 emit(row)
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                              if k != "times_ms"))
-    setup_doc = {k: [str(d).removeprefix("torch.") for d in v] if k == "dtypes" else v for k, v in asdict(setup).items()}
+    setup_doc = {k: [str(d).removeprefix("torch.") for d in v] if k == "dtypes" else v
+                 for k, v in asdict(setup).items()}
     return {"rows": rows, "setup": setup_doc, "environment": environment(device)}
 
 
