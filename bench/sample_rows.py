@@ -159,9 +159,10 @@ def table(rows: list[dict]) -> list[str]:
 
 def markdown(doc: dict) -> str:
     env = doc["environment"]
+    load = f", load average {env['loadavg'][0]:.1f} at the end" if env.get("loadavg") else ""
     head = (f"# One sampling step: sample_tokens vs separate torch ops\n\n{env['device']}, torch {env['torch']}, "
-            f"{env['cpu_threads']} threads; temperature {doc['setup']['temperature']}, median of the timed calls "
-            "(providers interleaved).\n\n")
+            f"{env['cpu_threads']} threads{load}; temperature {doc['setup']['temperature']}, median of the timed "
+            "calls (providers interleaved).\n\n")
     return head + "\n".join(table(doc["rows"])) + "\n"
 
 
