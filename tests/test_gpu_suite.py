@@ -77,6 +77,8 @@ def test_dry_run_results_hold_every_stage_rows_and_tables(dry_run):
     assert steps["fused"]["first_loss"] == pytest.approx(steps["naive"]["first_loss"], rel=1e-5)
     assert steps["fused"]["mfu"] > 0 and steps["fused+liger"]["status"] == "not run"
     assert {r["method"] for r in stages["sampling"]["rows"]} == {"hf_generate", "expand", "shared_prefix"}
+    assert {r["provider"] for r in stages["sample_rows"]["rows"]} == {"gem_fast:torch", "gem_fast:triton", "torch_ops"}
+    assert all(r["status"] == "ok" for r in stages["sample_rows"]["rows"])
     assert [r["step"] for r in stages["sega"]["rows"]] == [1, 2]
     assert all(r["loss"] == r["loss"] for r in stages["sega"]["rows"])  # not NaN
     prefix = {r["layout"]: r for r in stages["sega_prefix"]["rows"]}

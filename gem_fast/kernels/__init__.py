@@ -11,6 +11,9 @@ reductions and the logit gradient in Triton kernels (CUDA, or CPU under ``TRITON
 syncs with the host unless asked to: ``drop_ignored_rows=True`` removes the rows whose target is
 ``ignore_index`` before any GEMM (prompt tokens are often most of a batch) at the price of one
 sync (the number of kept rows).
+
+:func:`sample_tokens` (:mod:`.sample_rows`) is the decode step's sampler: token and entropy of each
+row of ``[R, V]`` logits from one read, with seeded counter-based noise (no generator state).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = [
     "entropy_from_logits",
     "fused_logprob_entropy",
     "resolve_backend",
+    "sample_tokens",
     "weighted_logprob_loss",
 ]
 
@@ -66,7 +70,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             )
         return backend
     chosen = "triton" if device.type == "cuda" else "torch"
-    if device.type not in _auto_logged:
+    # Traced code cannot log (fullgraph compile): the first eager call logs the same choice.
+    if device.type not in _auto_logged and not torch.compiler.is_compiling():
         _auto_logged.add(device.type)
         _log.info("gem_fast.kernels: backend 'auto' runs as %r on %s", chosen, device.type)
     return chosen
@@ -381,3 +386,7 @@ def entropy_from_logits(
     flat = logits.reshape(-1, logits.shape[-1])
     return _EntropyFromLogits.apply(flat, LogitMap(1.0 / temperature), _row_ops(backend), budget).view(
         logits.shape[:-1])
+
+
+# Last: the sampling op resolves its backend with resolve_backend above.
+from .sample_rows import sample_tokens  # noqa: E402

@@ -47,6 +47,20 @@ def _load_mapped(ptrs, ok, factor, pre, post, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_update(m, s, t, z):
+    """Tile z [BLOCK_R, BLOCK_V] into each row's running max m, s = Σ e^{z-m} and t = Σ e^{z-m} (z-m)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+    e = tl.exp(z - shift[:, None])
+    # t relative to the running max (not Σ e^{z-m} z, which cancels catastrophically for logits of
+    # large magnitude); moving m re-bases the old sum.
+    alpha = tl.exp(m - shift)
+    rebase = tl.where(s > 0, (m - shift) * s, 0.0)
+    t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
+    return m_new, s * alpha + tl.sum(e, axis=1), t
+
+
+@triton.jit
 def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_EXTRAS: tl.constexpr):
     """(lse, entropy, target logit, max, first argmax, Σ z, Σ e^{2(z-max)}) of BLOCK_R rows of
@@ -64,24 +78,16 @@ def _online_stats(row_base, row_ok, tgt, V, factor, pre, post, HAS_TARGET: tl.co
         ok = row_ok[:, None] & (cols < V)[None, :]
         # Out-of-range columns read as -inf so they add exp(-inf) = 0, never exp(0).
         z = _load_mapped(row_base + cols[None, :], ok, factor, pre, post, HAS_SOFTCAP)
-        tile_max = tl.max(z, axis=1)
         if HAS_EXTRAS:
+            tile_max = tl.max(z, axis=1)
             # Strictly greater: a later tile that only ties keeps the earlier (first) argmax.
             tile_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int64) + v0
             arg = tl.where(tile_max > m, tile_arg, arg)
             zs += tl.sum(tl.where(ok, z, 0.0), axis=1)
-        m_new = tl.maximum(m, tile_max)
-        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        e = tl.exp(z - shift[:, None])
-        # t = Σ e^{z-m} (z - m) relative to the running max (not Σ e^{z-m} z, which cancels
-        # catastrophically for logits of large magnitude); moving m re-bases the old sum.
-        alpha = tl.exp(m - shift)
-        rebase = tl.where(s > 0, (m - shift) * s, 0.0)
-        t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        if HAS_EXTRAS:
-            sq = sq * alpha * alpha + tl.sum(e * e, axis=1)
-        m = m_new
+            # Σ e^{2(z-m)} re-based to the new running max, as the update below re-bases s.
+            shift = tl.where(tl.maximum(m, tile_max) > float("-inf"), tl.maximum(m, tile_max), 0.0)
+            sq = sq * tl.exp(2.0 * (m - shift)) + tl.sum(tl.exp(2.0 * (z - shift[:, None])), axis=1)
+        m, s, t = _online_softmax_update(m, s, t, z)
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     return m + tl.log(s), tl.log(s) - t / s, tz, m, arg, zs, sq
