@@ -160,7 +160,8 @@ class StaticDecoder:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             raise RuntimeError(f"static decode: attention module {type(module).__name__} has no layer_idx")
-        self.attention_calls += 1
+        if not torch.compiler.is_compiling():  # a Python counter in a compiled step would recompile it each call
+            self.attention_calls += 1
         slot = self.index.view(1)
         self.suffix_keys[layer].index_copy_(2, slot, key)
         self.suffix_values[layer].index_copy_(2, slot, value)
