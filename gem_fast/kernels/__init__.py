@@ -26,6 +26,7 @@ import torch
 
 from . import naive
 from .logit_map import LogitMap
+from .sample_rows import sample_tokens
 from .chunked import (
     DW_ACCUMULATIONS,
     ChunkPlan,
@@ -42,6 +43,7 @@ __all__ = [
     "entropy_from_logits",
     "fused_logprob_entropy",
     "resolve_backend",
+    "sample_tokens",
     "weighted_logprob_loss",
 ]
 
