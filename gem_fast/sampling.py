@@ -39,6 +39,7 @@ from transformers import DynamicCache
 
 from gem_fast.distributed import fsdp_gathered
 from gem_fast.kernels import entropy_from_logits
+from gem_fast.kernels.sample_rows import SAMPLE_BACKENDS
 from gem_fast.prefix_attention import shared_prefix_attention
 from gem_fast.static_decode import SYNC_EVERY, StaticDecoder, static_decode_unsupported
 
@@ -215,8 +216,13 @@ def _noise_seed(generator: torch.Generator | None, device: torch.device) -> torc
 
 
 def _sampling_backend(backend: str) -> str:
-    # sample_tokens has no naive backend; the torch one is the plain computation.
-    return "torch" if backend == "naive" else backend
+    """The :func:`sample_tokens` backend for the kernels ``backend`` of the call."""
+    if backend == "naive":  # sample_tokens' torch backend is the plain computation
+        return "torch"
+    if backend in SAMPLE_BACKENDS:
+        return backend
+    _log_once(logging.INFO, f"sample_group: sample_tokens has no {backend!r} backend; its 'auto' runs")
+    return "auto"
 
 
 def _next_tokens(
