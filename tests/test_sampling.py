@@ -183,15 +183,21 @@ def test_entropy_equals_float64_recomputation(model, batch, temperature, top_p, 
         generator=gen, strategy=strategy,
     )
     assert out.token_entropy.dtype == torch.float32 and out.mask.all()
-    # One full forward over prompt + generated tokens: logits at position P-1+t predict token t.
+    ref = entropy_recomputed(model, input_ids, attention_mask, out, temperature)
+    torch.testing.assert_close(out.token_entropy.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def entropy_recomputed(model, input_ids, attention_mask, out, temperature: float) -> torch.Tensor:
+    """Float64 entropies [B*k, T] of ``out``'s steps from one full forward over prompt + generated tokens
+    (the logits at position P-1+t predict token t); every generated token must be valid."""
+    k, new = out.sequences.shape[0] // input_ids.shape[0], out.sequences.shape[1]
     full_ids = torch.cat([input_ids.repeat_interleave(k, 0), out.sequences], 1)
     full_mask = torch.cat([attention_mask.repeat_interleave(k, 0), out.mask.long()], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
     p = input_ids.shape[1]
-    ref = entropy_f64(logits[:, p - 1 : p - 1 + new], temperature if temperature > 0 else 1.0)
-    torch.testing.assert_close(out.token_entropy.double(), ref, rtol=1e-4, atol=1e-4)
+    return entropy_f64(logits[:, p - 1 : p - 1 + new], temperature if temperature > 0 else 1.0)
 
 
 def test_prompt_kv_memory_is_independent_of_k(model, batch):

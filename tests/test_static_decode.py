@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_models import smollm2_tokenizer
-from kernel_reference import entropy_f64
+from test_sampling import batch, entropy_recomputed, model, tokenizer  # noqa: F401 (fixtures: tiny Llama, prompts)
 from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -18,26 +17,7 @@ from gem_fast.models import tiny_llama
 from gem_fast.sampling import _cache_kv, _new_cache, sample_group
 from gem_fast.static_decode import StaticDecoder, static_decode_unsupported
 
-PROMPTS = ["Question: what is the capital of France? Think step by step.", "Hi", "Solve 12 * 7 and explain."]
 HOST_SYNCS = {"_local_scalar_dense", "nonzero", "item"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer):
-    """Left-padded prompts of three different lengths."""
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    assert enc.attention_mask.sum(1).unique().numel() == len(PROMPTS)
-    return enc.input_ids, enc.attention_mask
 
 
 def _static(model, batch, **kwargs):
@@ -106,13 +86,7 @@ def test_entropy_equals_float64_recomputation(tokenizer, batch, k, temperature, 
     out = _static(model, batch, k=k, max_new_tokens=new, temperature=temperature, top_p=top_p,
                   generator=torch.Generator().manual_seed(7))
     assert out.token_entropy.dtype == torch.float32 and out.mask.all()
-    full_ids = torch.cat([input_ids.repeat_interleave(k, 0), out.sequences], 1)
-    full_mask = torch.cat([attention_mask.repeat_interleave(k, 0), out.mask.long()], 1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
-    p = input_ids.shape[1]
-    ref = entropy_f64(logits[:, p - 1: p - 1 + new], temperature if temperature > 0 else 1.0)
+    ref = entropy_recomputed(model, input_ids, attention_mask, out, temperature)
     torch.testing.assert_close(out.token_entropy.double(), ref, rtol=1e-5, atol=1e-5)
 
 
