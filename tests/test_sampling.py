@@ -276,6 +276,7 @@ def test_progress_bar(model, batch, capsys):
         (dict(top_p=0.0), "top_p"),
         (dict(eos_token_id=10**6), "eos_token_id"),
         (dict(strategy="beam"), "strategy"),
+        (dict(strategy="static", sync_every=0), "sync_every"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(model, change, argument):
