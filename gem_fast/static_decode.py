@@ -53,9 +53,8 @@ def static_decode_unsupported(model: torch.nn.Module, prompt_len: int, max_new_t
     if layer_types - {"full_attention", "sliding_attention"}:
         return f"layer types {sorted(layer_types)} include layers that are not attention (hybrid/recurrent)"
     window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in layer_types or (
-        window is not None and not layer_types and getattr(config, "use_sliding_window", True)
-    )
+    # Some families (Mistral) pass config.sliding_window to every layer whatever their layer type says.
+    sliding = "sliding_attention" in layer_types or (window is not None and getattr(config, "use_sliding_window", True))
     # A window longer than the whole call is full attention; the prefill cache then keeps every prompt key.
     if sliding and (window is None or prompt_len + max_new_tokens >= window):
         return f"sliding-window attention (window {window}, {prompt_len} prompt + {max_new_tokens} new tokens)"
