@@ -1,6 +1,10 @@
 """gem_fast.kernels.sample_tokens: entropy against float64, greedy, reproducible Gumbel-max draws,
-the top-p set against a float64 sorted reference, the draw distribution, and the properties a
-captured decode step needs (no host sync, fixed shapes, fullgraph compile).
+the top-p set against a float64 sorted reference, the draw distribution, the Triton backend's
+tokens against the torch backend's, and the properties a captured decode step needs (no host
+sync, fixed shapes, fullgraph compile on the CPU, CUDA graph capture on CUDA).
+
+On CPU the Triton backend runs under the interpreter with 64-wide vocab tiles and few programs,
+so that every row crosses ragged tiles and several chunks.
 """
 
 from __future__ import annotations
@@ -18,9 +22,20 @@ from op_trace import OpTrace
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BACKENDS = [b for b in SAMPLE_BACKENDS if b != "auto"]
+assert BACKENDS == ["torch", "triton"]
 FP32_UNIT_ROUNDOFF = 2.0**-24
 # Host syncs a captured step must not contain.
 SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    if not CUDA:
+        import gem_fast.kernels.triton_sample as triton_sample
+
+        # 333-wide rows: 6 tiles of 64, in 2 chunks of up to 5 tiles (the second ragged).
+        monkeypatch.setattr(triton_sample, "MAX_BLOCK_V", 64)
+        monkeypatch.setattr(triton_sample, "TARGET_PROGRAMS", 8)
 
 
 def int64(value, *shape) -> torch.Tensor:
@@ -117,7 +132,7 @@ def test_draws_stay_inside_the_top_p_set(backend, case, top_p):
     # float32 and float64 cumulative masses may order a boundary token differently: the drawn
     # token must be inside the float64 set of a slightly larger top_p.
     allowed = top_p_set_f64(logits.cpu(), 0.8, min(1.0, top_p + 1e-5))
-    for step in range(40):
+    for step in range(40 if backend == "torch" or CUDA else 4):  # the interpreter is slow
         tokens, _ = sample_tokens(logits, int64(11), int64(step), temperature=0.8, top_p=top_p, backend=backend)
         assert allowed.gather(-1, tokens.cpu()[:, None]).all(), (step, tokens)
 
@@ -136,7 +151,8 @@ def test_draw_frequencies_match_softmax_within_top_p(backend, temperature, top_p
     # enter the hash). Each token's count must lie within Bernstein's bound of n·p with
     # delta = 1e-6 / V per token, so a test with random seeds would fail with probability <= 1e-6;
     # tokens outside the top-p set must never be drawn.
-    vocab, rows, steps = 12, 2048, 8
+    vocab = 12
+    rows, steps = (2048, 8) if backend == "torch" or CUDA else (512, 2)  # the interpreter is slow
     g = torch.Generator().manual_seed(3)
     row = torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5
     logits = row.float().expand(rows, vocab).contiguous().to(DEVICE)
@@ -155,7 +171,8 @@ def test_draw_frequencies_match_softmax_within_top_p(backend, temperature, top_p
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not CUDA, reason="the interpreter copies tensors to run the kernels"))])
 def test_no_host_sync_and_fixed_shapes_over_steps(backend, top_p):
     logits, seed, step = make_logits("basic"), int64(5, 6), int64(0)
     traces = []
@@ -166,8 +183,8 @@ def test_no_host_sync_and_fixed_shapes_over_steps(backend, top_p):
         traces.append([(a.op, a.shape, a.dtype) for a in trace.allocations])
     assert not SYNC_OPS & {op for op, _, _ in traces[0]}
     assert traces[0] == traces[1] == traces[2]
-    # The temporaries are per-row or per-[R, V] (no allocation grows with the step).
-    assert all(shape in ((), (6,), (6, 1), (6, 333), (333,)) for _, shape, _ in traces[0]), traces[0]
+    # The temporaries are per-row, per-[R, V] or (Triton) per-chunk: none grows with the step.
+    assert all(len(shape) <= 3 and shape[:1] in ((), (6,), (333,)) for _, shape, _ in traces[0]), traces[0]
 
 
 def test_compiles_fullgraph_on_cpu():
@@ -184,6 +201,61 @@ def test_compiles_fullgraph_on_cpu():
     torch.testing.assert_close(entropy, want_entropy)
 
 
+@pytest.mark.parametrize("case", ["basic", "all_negative", "peaked", "one_finite", "masked_vocab"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.3), (1.0, 0.02)])
+def test_triton_draws_the_torch_backends_token(temperature, top_p, dtype, case):
+    logits = make_logits(case, dtype=dtype, rows=6 if CUDA else 4)
+    seed = torch.tensor([3, -1, 2**40 + 5, 7, 0, 9][: logits.shape[0]], device=DEVICE)
+    for step in (1, 2**33):
+        args = (logits, seed, int64(step))
+        want, want_entropy = sample_tokens(*args, temperature=temperature, top_p=top_p, backend="torch")
+        got, got_entropy = sample_tokens(*args, temperature=temperature, top_p=top_p, backend="triton")
+        # The same noise: the same token, unless two scores differ by float rounding only (none here).
+        assert torch.equal(got, want), (step, got, want)
+        assert (got_entropy - want_entropy).abs().max() <= entropy_tolerance(logits.cpu(), temperature or 1.0)
+
+
+def test_triton_launches_two_kernels(monkeypatch):
+    import gem_fast.kernels.triton_sample as triton_sample
+
+    launches = []
+    for name in ("_chunk_kernel", "_merge_kernel"):
+        kernel = getattr(triton_sample, name)
+
+        class Counting:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launches.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(triton_sample, name, Counting())
+    sample_tokens(make_logits("basic"), int64(1), int64(0), temperature=1.0, top_p=0.9, backend="triton")
+    assert launches == ["_chunk_kernel", "_merge_kernel"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_replays_draw_the_eager_tokens(backend):
+    # The decode step captures the op once and replays it while advancing ``step`` in place.
+    logits, seed, step = make_logits("basic", rows=4, vocab=50_001, dtype=torch.bfloat16), int64(5, 4), int64(0)
+    run = lambda: sample_tokens(logits, seed, step, temperature=0.8, top_p=0.9, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (Triton compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, entropy = run()
+    for i in range(3):
+        step.fill_(i)
+        graph.replay()
+        want, want_entropy = run()
+        assert torch.equal(tokens, want)
+        torch.testing.assert_close(entropy, want_entropy)
+
+
 def _bad_calls():
     logits = make_logits("basic")
     yield "backend", lambda: sample_tokens(logits, int64(1), int64(0), temperature=1.0, backend="naive")
@@ -196,6 +268,7 @@ def _bad_calls():
     yield "temperature", lambda: sample_tokens(logits, int64(1), int64(0), temperature=-1.0)
     yield "temperature", lambda: sample_tokens(logits, int64(1), int64(0), temperature=float("nan"))
     yield "top_p", lambda: sample_tokens(logits, int64(1), int64(0), temperature=1.0, top_p=0.0)
+    yield "logits", lambda: sample_tokens(logits.double(), int64(1), int64(0), temperature=1.0, backend="triton")
 
 
 @pytest.mark.parametrize("argument,call", list(_bad_calls()), ids=lambda x: x if isinstance(x, str) else "")

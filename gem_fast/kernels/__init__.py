@@ -26,7 +26,6 @@ import torch
 
 from . import naive
 from .logit_map import LogitMap
-from .sample_rows import sample_tokens
 from .chunked import (
     DW_ACCUMULATIONS,
     ChunkPlan,
@@ -354,3 +353,7 @@ def entropy_from_logits(
     flat = logits.reshape(-1, logits.shape[-1])
     return _EntropyFromLogits.apply(flat, LogitMap(1.0 / temperature), _row_ops(backend), budget).view(
         logits.shape[:-1])
+
+
+# Last: the sampling op resolves its backend with resolve_backend above.
+from .sample_rows import sample_tokens  # noqa: E402

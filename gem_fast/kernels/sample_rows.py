@@ -19,16 +19,18 @@ import math
 
 import torch
 
-__all__ = ["HASH_MULTIPLIERS", "SAMPLE_BACKENDS", "gumbel_noise", "row_keys", "sample_rows", "sample_tokens"]
+from . import resolve_backend
 
-SAMPLE_BACKENDS = ("auto", "torch")
+__all__ = ["HASH_MULTIPLIERS", "KEY2_SALT", "SAMPLE_BACKENDS", "gumbel_noise", "row_keys", "sample_rows", "sample_tokens"]
+
+SAMPLE_BACKENDS = ("auto", "torch", "triton")
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Two odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63: the torch
 # form computes the hash in int64 without overflow and equals the Triton kernel's uint32 one.
 HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 _MASK32 = 0xFFFFFFFF
-_KEY2_SALT = 0x9E3779B9  # turns the row key into a second, different one for the second hash round
+KEY2_SALT = 0x9E3779B9  # turns the row key into a second, different one for the second hash round
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ def row_keys(seed: torch.Tensor, step: torch.Tensor, n_rows: int) -> tuple[torch
     key = _mix32(seed.expand(n_rows) & _MASK32)
     for word in ((seed >> 32) & _MASK32, step & _MASK32, (step >> 32) & _MASK32, rows):
         key = _mix32(key ^ word)
-    return key, _mix32(key ^ _KEY2_SALT)
+    return key, _mix32(key ^ KEY2_SALT)
 
 
 def gumbel_noise(key1: torch.Tensor, key2: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -121,9 +123,17 @@ def sample_tokens(
     (the first index among equal maxima); otherwise softmax(logits / T) restricted to the top-p
     set (module docstring). Returns (tokens [R] int64, entropy [R] float32 nats of
     softmax(logits / T) before top-p, T = 0: of softmax(logits)). No host sync, fixed shapes.
-    ``backend``: ``torch`` (``auto`` runs it on every device until the Triton kernel lands).
+    ``backend``: ``torch``, ``triton`` (two launches, :mod:`gem_fast.kernels.triton_sample`) or
+    ``auto`` (``triton`` on CUDA, ``torch`` elsewhere; the choice is logged once per device type).
     """
     _check_sample_args(logits, seed, step, temperature, top_p, backend)
+    backend = resolve_backend(backend, logits.device)
+    if backend == "triton":
+        if logits.dtype == torch.float64:
+            raise ValueError("logits: the triton backend takes bf16, fp16 or fp32 logits, got float64")
+        from . import triton_sample  # imported on use: `import gem_fast.kernels` never loads Triton
+
+        return triton_sample.sample_rows(logits, seed, step, float(temperature), float(top_p))
     return sample_rows(logits, seed, step, float(temperature), float(top_p))
 
 
