@@ -228,3 +228,20 @@ def test_cuda_graph_replay_equals_the_eager_path(tokenizer, batch, caplog):
     torch.testing.assert_close(out.sequences, eager.sequences, rtol=0, atol=0)
     torch.testing.assert_close(out.mask, eager.mask, rtol=0, atol=0)
     torch.testing.assert_close(out.token_entropy, eager.token_entropy, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,expected", [("naive", "torch"), ("torch", "torch"), ("triton", "triton"),
+                                              ("auto", "auto")])
+def test_the_kernel_backend_reaches_sample_tokens(model, batch, monkeypatch, backend, expected):
+    import gem_fast.static_decode as static_decode
+
+    seen = []
+    real = static_decode.sample_tokens
+
+    def sample_tokens(logits, seed, step, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(logits, seed, step, **{**kwargs, "backend": "torch"})  # the interpreter is slow at V=49k
+
+    monkeypatch.setattr(static_decode, "sample_tokens", sample_tokens)
+    _static(model, batch, k=2, max_new_tokens=3, backend=backend)
+    assert seen == [expected] * 3
