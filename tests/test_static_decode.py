@@ -44,7 +44,7 @@ def test_greedy_equals_generate_and_the_eager_path(model, tokenizer, batch, k):
 
 def test_sampling_is_reproducible_from_the_generator(model, batch):
     def run(seed):
-        return _static(model, batch, k=3, max_new_tokens=6, temperature=0.9, top_p=0.95,
+        return _static(model, batch, k=3, max_new_tokens=4, temperature=0.9, top_p=0.95,
                        generator=torch.Generator().manual_seed(seed)).sequences
 
     first, again, other = run(0), run(0), run(1)
@@ -97,11 +97,15 @@ def test_prompt_kv_is_held_once_per_prompt(model, batch):
 
 
 def test_unsupported_settings_fall_back_with_the_reason(model, batch, caplog, monkeypatch):
-    monkeypatch.setattr(model.config, "sliding_window", 16, raising=False)
-    assert "sliding-window" in static_decode_unsupported(model, 20, 4)
-    assert static_decode_unsupported(model, 8, 4) is None  # a window longer than the call is full attention
+    import gem_fast.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_LOGGED", set())  # the fallback is logged once per process
+    prompt_len = batch[0].shape[1]
+    monkeypatch.setattr(model.config, "sliding_window", prompt_len + 4, raising=False)
+    assert static_decode_unsupported(model, prompt_len, 3) is None  # a window longer than the call is full attention
+    assert "sliding-window" in static_decode_unsupported(model, prompt_len, 4)
     with caplog.at_level("WARNING", logger="gem_fast.sampling"):
-        out = sample_group(model, *batch, k=2, max_new_tokens=20, strategy="static")
+        out = sample_group(model, *batch, k=2, max_new_tokens=4, strategy="static")
     assert out.strategy == "expand" and "sliding-window" in caplog.text
 
 
