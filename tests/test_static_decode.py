@@ -249,3 +249,14 @@ def test_the_kernel_backend_reaches_sample_tokens(model, batch, monkeypatch, bac
     monkeypatch.setattr(static_decode, "sample_tokens", sample_tokens)
     _static(model, batch, k=2, max_new_tokens=3, backend=backend)
     assert seen == [expected] * 3
+
+
+def test_auto_logs_its_choice_once_and_why_static_is_not_it(model, batch, caplog, monkeypatch):
+    import gem_fast.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_LOGGED", set())
+    with caplog.at_level("INFO", logger="gem_fast.sampling"):
+        for _ in range(2):  # two micro-steps
+            assert sample_group(model, *batch, k=2, max_new_tokens=1).strategy == "shared_prefix"
+    choices = [r.getMessage() for r in caplog.records if "KV reuse strategy" in r.getMessage()]
+    assert len(choices) == 1 and "'static' is not the default until a GPU run shows it faster" in choices[0]
