@@ -283,7 +283,7 @@ def sampling(ctx: StageContext) -> None:
     device = _device(ctx)
     tokenizer, config = load_assets(_assets(ctx))
     dtype = torch.float32 if ctx.dry_run else torch.bfloat16
-    prompt_len, rounds = (16, 2) if ctx.dry_run else (512, 3)
+    prompt_len, rounds = (16, 1) if ctx.dry_run else (512, 3)
     input_ids = bench.prompts(tokenizer, 1, prompt_len, seed=0).to(device)
     cases = [(shape, k, 4 if ctx.dry_run else new, methods) for shape, k, new, methods in SAMPLING_CASES]
     if ctx.dry_run:  # every method once, at tiny sizes: the CPU cannot compile HF's path within the box
