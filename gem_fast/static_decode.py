@@ -13,11 +13,13 @@ What makes the step static (``sample_group(..., strategy="static")``):
   whose noise is a hash of (seed, step, row, column): no generator state, no host sync.
 
 The host asks "has every row finished?" only every ``sync_every`` steps (:data:`SYNC_EVERY`). On CUDA
-the first decode step runs eagerly, the second on a side stream (the warm-up before capture), then it
-is captured into one CUDA graph (per call: one graph per batch shape) which every later step replays; a step that cannot be captured runs eagerly with
-the reason logged. Attention is routed through transformers' ``AttentionInterface``: the model is called
-without a cache object and the registered function receives this call's :class:`StaticDecoder` as a
-keyword argument, which HF models pass through to their attention functions.
+the first decode step runs eagerly, the second on a side stream (the warm-up before capture), then the
+step is captured into one CUDA graph (per call, so one graph per batch shape) which every later step
+replays; a step that cannot be captured runs eagerly with the reason logged.
+
+Attention is routed through transformers' ``AttentionInterface``: the model is called without a
+cache object and the registered function receives this call's :class:`StaticDecoder` as a keyword
+argument, which HF models pass through to their attention functions.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class StaticDecoder:
     ):
         batch, _, prompt_len, _ = prefix_kv[0][0].shape
         if any(key.shape[2] != prompt_len for key, _ in prefix_kv):
-            raise RuntimeError(f"static decode: the prefill cache of {type(model).__name__} does not hold every prompt key")
+            raise RuntimeError(
+                f"static decode: the prefill cache of {type(model).__name__} does not hold every prompt key"
+            )
         n, device = batch * k, prefix_mask.device
         self.model, self.k, self.logits_kwargs = model, k, logits_kwargs
         self.temperature, self.top_p, self.backend = temperature, top_p, backend
@@ -155,7 +159,8 @@ class StaticDecoder:
         self.sample(logits)
 
     def attend(self, module: torch.nn.Module, query, key, value, scaling: float | None, softcap: float | None):
-        """One layer's attention: store the new K/V [N, Hkv, 1, D] in slot ``index``, attend to prompt + slots <= index."""
+        """One layer's attention: store the new K/V [N, Hkv, 1, D] in slot ``index``, then attend to the prompt
+        and the slots <= ``index``."""
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             raise RuntimeError(f"static decode: attention module {type(module).__name__} has no layer_idx")
@@ -177,7 +182,9 @@ class StaticDecoder:
         )
         return out.transpose(1, 2).contiguous()  # HF attention functions return [N, L, Hq, D]
 
-    def run(self, first_logits: torch.Tensor, *, sync_every: int = SYNC_EVERY, on_step: Callable[[], None] = lambda: None) -> int:
+    def run(
+        self, first_logits: torch.Tensor, *, sync_every: int = SYNC_EVERY, on_step: Callable[[], None] = lambda: None
+    ) -> int:
         """Decode from the prefill's ``first_logits`` [B, V]; returns the number of steps T with a valid token.
 
         Stops early (checked on the host every ``sync_every`` steps) once every row has finished.
