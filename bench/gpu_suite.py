@@ -53,17 +53,21 @@ class Stage:
 STAGES = (
     Stage("cuda_tests", 75, "bench.suite_stages:cuda_tests",
           "pytest: every test marked cuda, then tests/test_kernels.py at full size with Triton compiled"),
-    Stage("kernels", 78, "bench.suite_stages:kernels",
+    Stage("kernels", 72, "bench.suite_stages:kernels",
           "fwd+bwd at N=32768, H=4096, V=128256 bf16 (and V=151936, 256000 at N=8192): gem_fast, Liger, "
           "CCE, naive; torch.compile at the headline shape"),
     Stage("entropy", 17, "bench.suite_stages:entropy",
           "entropy_from_logits against the same-run copy bandwidth and naive torch"),
-    Stage("train_step", 35, "bench.suite_stages:train_step",
+    Stage("train_step", 33, "bench.suite_stages:train_step",
           "Llama-3.2-1B-shaped random model, bf16 autocast: naive vs fused loss, Liger layers, compiled layers"),
     Stage("sampling", 40, "bench.suite_stages:sampling",
           "group sampler (expand, shared prefix, static) vs HF generate (eager; static cache + compile), SmolLM2 "
           "and Llama-3.2-1B shapes, bf16, P=512: ms per decode step beside its bandwidth limit"),
-    Stage("sega", 40, "bench.suite_stages:sega",
+    # Its 10 s came from kernels, train_step and sega (6, 2, 2 s), which used 69, 31 and 35 s on the H200;
+    # its Triton kernels are in the on-disk cache by then if cuda_tests ran (test_sample_rows' CUDA test).
+    Stage("sample_rows", 10, "bench.suite_stages:sample_rows",
+          "one sampling step of [R, V] logits: sample_tokens (torch, triton) vs softmax/entropy/sort/multinomial"),
+    Stage("sega", 38, "bench.suite_stages:sega",
           "3 SEGA steps end to end through gem_fast.train, each step's time split into sampling, Eq. 1 scoring, "
           "forward+backward and optimizer"),
     # Its 15 s came from kernels, entropy and train_step, which used 69, 15 and 31 s on the H200.

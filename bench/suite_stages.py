@@ -338,6 +338,26 @@ def sampling(ctx: StageContext) -> None:
     ctx.section(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# sample_rows
+
+
+def sample_rows(ctx: StageContext) -> None:
+    """:mod:`bench.sample_rows`: one sampling step, R in {4, 32}, V in {49152, 128256}, bf16 and fp32, top-p 1
+    and 0.9: ``sample_tokens`` (torch and triton backends) against the separate torch ops."""
+    from . import sample_rows as bench
+
+    device = _device(ctx)
+    doc = bench.run(bench.make_setup("quick" if ctx.dry_run else "full", device), device,
+                    log=lambda line: print(line, flush=True), emit=ctx.emit)
+    ctx.note(setup=doc["setup"], environment=doc["environment"])
+    ctx.section(["Median ms per call (providers interleaved); temperature 1; torch_ops = softmax, entropy from "
+                 "log_softmax, sort + cumsum for top-p, torch.multinomial. `triton agrees`: the fraction of rows "
+                 "where the triton backend drew the torch backend's token.", "", *bench.table(doc["rows"])])
+    if errors := [r for r in doc["rows"] if r["status"] != "ok"]:
+        raise RuntimeError(f"sample_rows: {len(errors)} rows failed, first: {errors[0]['error']}")
+
+
 SEGA_COLUMNS = ("loss", "grad_norm", "score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean",
                 "step_time_s", "sampling_s", "scoring_s", "forward_backward_s", "optimizer_s", "sampling_share")
 

@@ -79,6 +79,8 @@ def test_dry_run_results_hold_every_stage_rows_and_tables(dry_run):
     sampling = stages["sampling"]["rows"]
     assert {r["method"] for r in sampling} == {"hf_generate", "expand", "shared_prefix", "static"}
     assert all(r["status"] == "ok" and "decode_ms_per_step" in r and r["limit_ms_per_step"] > 0 for r in sampling)
+    assert {r["provider"] for r in stages["sample_rows"]["rows"]} == {"gem_fast:torch", "gem_fast:triton", "torch_ops"}
+    assert all(r["status"] == "ok" for r in stages["sample_rows"]["rows"])
     assert [r["step"] for r in stages["sega"]["rows"]] == [1, 2]
     for r in stages["sega"]["rows"]:  # the parts are inside the step and each was timed
         parts = [r[p] for p in ("sampling_s", "scoring_s", "forward_backward_s", "optimizer_s")]

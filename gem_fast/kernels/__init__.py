@@ -11,6 +11,9 @@ reductions and the logit gradient in Triton kernels (CUDA, or CPU under ``TRITON
 syncs with the host unless asked to: ``drop_ignored_rows=True`` removes the rows whose target is
 ``ignore_index`` before any GEMM (prompt tokens are often most of a batch) at the price of one
 sync (the number of kept rows).
+
+:func:`sample_tokens` (:mod:`.sample_rows`) is the decode step's sampler: token and entropy of each
+row of ``[R, V]`` logits from one read, with seeded counter-based noise (no generator state).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             )
         return backend
     chosen = "triton" if device.type == "cuda" else "torch"
-    if device.type not in _auto_logged:
+    # Traced code cannot log (fullgraph compile): the first eager call logs the same choice.
+    if device.type not in _auto_logged and not torch.compiler.is_compiling():
         _auto_logged.add(device.type)
         _log.info("gem_fast.kernels: backend 'auto' runs as %r on %s", chosen, device.type)
     return chosen

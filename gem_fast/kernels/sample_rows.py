@@ -21,13 +21,14 @@ import torch
 
 from . import resolve_backend
 
-__all__ = ["HASH_MULTIPLIERS", "KEY2_SALT", "SAMPLE_BACKENDS", "gumbel_noise", "row_keys", "sample_rows", "sample_tokens"]
+__all__ = ["HASH_MULTIPLIERS", "KEY2_SALT", "SAMPLE_BACKENDS", "gumbel_noise", "row_keys", "sample_rows",
+           "sample_tokens"]
 
 SAMPLE_BACKENDS = ("auto", "torch", "triton")
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Two odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63: the torch
-# form computes the hash in int64 without overflow and equals the Triton kernel's uint32 one.
+# Two odd multipliers below 2**31, so that a 32-bit value times one stays below 2**63: this module and
+# the Triton kernel compute the 32-bit hash in int64 without overflow, so both give the same bits.
 HASH_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 _MASK32 = 0xFFFFFFFF
 KEY2_SALT = 0x9E3779B9  # turns the row key into a second, different one for the second hash round

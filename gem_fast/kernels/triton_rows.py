@@ -46,6 +46,20 @@ def _load_mapped(ptrs, ok, factor, pre, post, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_update(m, s, t, z):
+    """Tile z [BLOCK_R, BLOCK_V] into each row's running max m, s = Σ e^{z-m} and t = Σ e^{z-m} (z-m)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+    e = tl.exp(z - shift[:, None])
+    # t relative to the running max (not Σ e^{z-m} z, which cancels catastrophically for logits of
+    # large magnitude); moving m re-bases the old sum.
+    alpha = tl.exp(m - shift)
+    rebase = tl.where(s > 0, (m - shift) * s, 0.0)
+    t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
+    return m_new, s * alpha + tl.sum(e, axis=1), t
+
+
+@triton.jit
 def _online_stats(row_base, row_ok, tgt, V, factor, pre, post,
                   HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     """(lse, entropy, target logit) of BLOCK_R rows of z = LogitMap(logits), one sweep over V."""
@@ -59,16 +73,7 @@ def _online_stats(row_base, row_ok, tgt, V, factor, pre, post,
         ok = row_ok[:, None] & (cols < V)[None, :]
         # Out-of-range columns read as -inf so they add exp(-inf) = 0, never exp(0).
         z = _load_mapped(row_base + cols[None, :], ok, factor, pre, post, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        e = tl.exp(z - shift[:, None])
-        # t = Σ e^{z-m} (z - m) relative to the running max (not Σ e^{z-m} z, which cancels
-        # catastrophically for logits of large magnitude); moving m re-bases the old sum.
-        alpha = tl.exp(m - shift)
-        rebase = tl.where(s > 0, (m - shift) * s, 0.0)
-        t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = _online_softmax_update(m, s, t, z)
         if HAS_TARGET:
             tz += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     return m + tl.log(s), tl.log(s) - t / s, tz

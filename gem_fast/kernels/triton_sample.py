@@ -8,12 +8,14 @@ program per row on a GPU, merges the chunks into entropy and the Gumbel-max toke
 
 Top-p (``top_p < 1``) without a sort: the answer is the argmax of z + g over the top-p set K.
 Kernel 2 takes the unrestricted winner c and, in one pass over the row, sums the mass of the
-tokens that precede c in the order "larger z first, lower index among equal z" and finds the
-best z + g among them. If that mass is below top_p, c is in K and, being the argmax over a
-superset of K, is the answer; otherwise every token at or after c is outside K and the best
-among the preceding ones is the next candidate. The most probable token is always accepted, so
-the loop ends; each round is one read of the row (from L2 after the first), and a candidate
-drawn from the softmax lands in the tail rarely, so a few rounds are typical. The same noise
+tokens that precede c in the order "larger z first, lower index among equal z". If that mass is
+below top_p, c is in K and, being the argmax over a superset of K, is the answer; otherwise every
+token at or after c is outside K, and a second pass finds the best z + g among the tokens before
+c: the next candidate. The most probable token is always accepted, so the loop ends. The check
+is one read of the row (from L2 after kernel 1) without noise, and c, a draw from softmax(z),
+lies in K (mass >= top_p) most of the time: then no second pass runs. After a rejection the
+candidate set shrinks with every round (for equal probabilities it halves: about log2 V rounds
+at worst). The same noise
 is used throughout, so the token is the torch backend's up to float rounding (its sort orders
 probabilities, this kernel the logits; their masses are summed in different orders).
 
@@ -27,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .sample_rows import HASH_MULTIPLIERS, KEY2_SALT
+from .triton_rows import _online_softmax_update
 
 # Upper bound on the vocab tile; tests lower it to force ragged tiles and chunks on small vocabs.
 MAX_BLOCK_V = 2048
@@ -85,6 +88,12 @@ def _best(score, cols, best, best_idx):
     return tl.where(better, tile_best, best), tl.where(better, (tl.min(cols, axis=0) + tile_idx).to(tl.int64), best_idx)
 
 
+@triton.jit
+def _precedes(z, cols, cand_z, token):
+    """Whether each column comes before the row's candidate in the order "larger z, then lower index"."""
+    return (z > cand_z[:, None]) | ((z == cand_z[:, None]) & (cols[None, :] < token[:, None]))
+
+
 @triton.jit(do_not_specialize=["V", "n_chunks", "tiles"])
 def _chunk_kernel(
     x_ptr, stride_x, seed_ptr, seed_stride, step_ptr, part_ptr, idx_ptr, R, V, n_chunks, tiles, factor,
@@ -106,15 +115,7 @@ def _chunk_kernel(
         cols = (chunk * tiles + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < V)[None, :]
         z = _load_z(row_base, cols, ok, factor)
-        # The online softmax statistics of triton_rows._online_stats (why: see there).
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        e = tl.exp(z - shift[:, None])
-        alpha = tl.exp(m - shift)
-        rebase = tl.where(s > 0, (m - shift) * s, 0.0)
-        t = alpha * (t + rebase) + tl.sum(tl.where(e > 0, e * (z - shift[:, None]), 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = _online_softmax_update(m, s, t, z)
         score = z if GREEDY else z + _gumbel(cols, key1, key2)
         best, best_idx = _best(score, cols, best, best_idx)
     out = part_ptr + (rows * n_chunks + chunk) * 4
@@ -157,19 +158,23 @@ def _merge_kernel(
         while tl.max(searching.to(tl.int32), axis=0) > 0:
             cand_z = tl.load(x_ptr + rows.to(tl.int64) * stride_x + token, mask=row_ok, other=0.0).to(tl.float32)
             cand_z = cand_z * factor
+            # The check needs no noise, and usually accepts (c is a draw from softmax(z), K holds >= top_p
+            # of its mass): the noise, the costly part, is hashed only in the rounds after a rejection.
             mass = tl.zeros([BLOCK_R], tl.float32)
-            next_best = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            next_idx = token
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
-                in_row = row_ok[:, None] & (cols < V)[None, :]
-                z = _load_z(row_base, cols, in_row, factor)
-                before = in_row & ((z > cand_z[:, None]) | ((z == cand_z[:, None]) & (cols[None, :] < token[:, None])))
-                mass += tl.sum(tl.where(before, tl.exp(z - lse[:, None]), 0.0), axis=1)
-                score = tl.where(before, z + _gumbel(cols, key1, key2), float("-inf"))
-                next_best, next_idx = _best(score, cols, next_best, next_idx)
+                z = _load_z(row_base, cols, row_ok[:, None] & (cols < V)[None, :], factor)
+                mass += tl.sum(tl.where(_precedes(z, cols, cand_z, token), tl.exp(z - lse[:, None]), 0.0), axis=1)
             searching = searching & (mass >= top_p)
-            token = tl.where(searching, next_idx, token)
+            if tl.max(searching.to(tl.int32), axis=0) > 0:
+                next_best = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                next_idx = token
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + tl.arange(0, BLOCK_V)
+                    z = _load_z(row_base, cols, searching[:, None] & (cols < V)[None, :], factor)
+                    score = tl.where(_precedes(z, cols, cand_z, token), z + _gumbel(cols, key1, key2), float("-inf"))
+                    next_best, next_idx = _best(score, cols, next_best, next_idx)
+                token = tl.where(searching, next_idx, token)
     tl.store(token_ptr + rows, token, mask=row_ok)
 
 
