@@ -61,13 +61,15 @@ STAGES = (
     Stage("train_step", 33, "bench.suite_stages:train_step",
           "Llama-3.2-1B-shaped random model, bf16 autocast: naive vs fused loss, Liger layers, compiled layers"),
     Stage("sampling", 40, "bench.suite_stages:sampling",
-          "group sampler vs HF generate(num_return_sequences=k), SmolLM2-shaped random model, bf16, P=512"),
+          "group sampler (expand, shared prefix, static) vs HF generate (eager; static cache + compile), SmolLM2 "
+          "and Llama-3.2-1B shapes, bf16, P=512: ms per decode step beside its bandwidth limit"),
     # Its 10 s came from kernels, train_step and sega (6, 2, 2 s), which used 69, 31 and 35 s on the H200;
     # its Triton kernels are in the on-disk cache by then if cuda_tests ran (test_sample_rows' CUDA test).
     Stage("sample_rows", 10, "bench.suite_stages:sample_rows",
           "one sampling step of [R, V] logits: sample_tokens (torch, triton) vs softmax/entropy/sort/multinomial"),
     Stage("sega", 38, "bench.suite_stages:sega",
-          "3 SEGA steps end to end (sampling, Eq. 1, loss, optimizer) through gem_fast.train"),
+          "3 SEGA steps end to end through gem_fast.train, each step's time split into sampling, Eq. 1 scoring, "
+          "forward+backward and optimizer"),
     # Its 15 s came from kernels, entropy and train_step, which used 69, 15 and 31 s on the H200.
     Stage("sega_prefix", 15, "bench.suite_stages:sega_prefix",
           "one SEGA step (P=512, R=64, k=4), repeated vs prefix-shared layout: time, memory, gradient agreement"),

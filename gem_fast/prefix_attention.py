@@ -19,7 +19,9 @@ def shared_prefix_attention(
     suffix_value: torch.Tensor,
     *,
     prefix_mask: torch.Tensor | None = None,
+    suffix_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over each row's prompt K/V followed by its own generated K/V.
 
@@ -28,6 +30,9 @@ def shared_prefix_attention(
     suffix_key   [G*k, Hkv, S, D], suffix_value likewise: each sample's generated tokens, the last L
                  of which are the queries' own (causal within the suffix), S >= L.
     prefix_mask  [G, P] bool, True for real prompt tokens (left padding False); None: all real.
+    suffix_mask  [S] bool, True for suffix slots that hold keys (a preallocated buffer not yet filled
+                 is False), the same for every row; None: all S hold keys.
+    softcap      scores become softcap * tanh(scores / softcap) before masking (Gemma 2); None: not capped.
     Returns [G*k, Hq, L, D] in ``query``'s dtype. Hq must be a multiple of Hkv (grouped-query attention:
     query head h reads KV head h // (Hq / Hkv)). The softmax runs in float32 (float64 inputs stay float64).
     """
@@ -45,11 +50,13 @@ def shared_prefix_attention(
     # Layout [G, Hkv, k, rows, D]: the k samples' queries for one (prompt, KV head) are contiguous rows,
     # so the prefix scores are one [k*rows, P] GEMM against that prompt's keys.
     q = (query * scale).reshape(g, k, hkv, rows, d).transpose(1, 2)
-    prefix_scores = q.reshape(g, hkv, k * rows, d) @ prefix_key.transpose(-1, -2)
+    prefix_scores = _capped(q.reshape(g, hkv, k * rows, d) @ prefix_key.transpose(-1, -2), softcap)
     if prefix_mask is not None:
         prefix_scores = prefix_scores.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
     suffix_key = suffix_key.view(g, k, hkv, s, d).transpose(1, 2)  # [G, Hkv, k, S, D]
-    suffix_scores = q @ suffix_key.transpose(-1, -2)  # [G, Hkv, k, rows, S]
+    suffix_scores = _capped(q @ suffix_key.transpose(-1, -2), softcap)  # [G, Hkv, k, rows, S]
+    if suffix_mask is not None:
+        suffix_scores = suffix_scores.masked_fill(~suffix_mask, float("-inf"))
     if q_len > 1:  # query i (of L) sees suffix keys 0 .. S - L + i
         query_pos = torch.arange(s - q_len, s, device=query.device).repeat(group)  # row r is token r % L
         future = torch.arange(s, device=query.device)[None, :] > query_pos[:, None]
@@ -61,3 +68,7 @@ def shared_prefix_attention(
     suffix_value = suffix_value.view(g, k, hkv, s, d).transpose(1, 2)
     out = out.view(g, hkv, k, rows, d) + probs[..., p:].view(g, hkv, k, rows, s).to(suffix_value.dtype) @ suffix_value
     return out.transpose(1, 2).reshape(n, hq, q_len, d).to(query.dtype)
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)

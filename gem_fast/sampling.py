@@ -11,9 +11,15 @@ Two ways to reuse the prompt's KV cache (``strategy``):
   (``batch_repeat_interleave``) and decoding is plain ``model(...)`` calls. Works for any cache-
   based causal LM (sliding-window and hybrid layers included); prompt KV memory is k times larger.
 
+* ``"static"``: :mod:`gem_fast.static_decode`: the shared-prefix attention with static shapes
+  (preallocated generated K/V, finished rows masked, not dropped, sampling on the device), so that on
+  CUDA every decode step replays one captured CUDA graph. Needs what ``shared_prefix`` needs, with a
+  sliding window longer than the call; otherwise it falls back to the ``auto`` choice, logged.
+
 ``"auto"`` takes ``shared_prefix`` when the model's attention dispatches through
-``AttentionInterface`` and all layers are full attention, else ``expand``; the choice is logged
-and returned in :attr:`GroupSample.strategy`.
+``AttentionInterface`` and all layers are full attention, else ``expand``; it does not take
+``static`` (on CUDA too) until the GPU suite has shown it faster. The choice is logged once per
+model class and reason, and returned in :attr:`GroupSample.strategy`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from transformers import DynamicCache
 
 from gem_fast.distributed import fsdp_gathered
 from gem_fast.kernels import entropy_from_logits
+from gem_fast.kernels.sample_rows import SAMPLE_BACKENDS
 from gem_fast.prefix_attention import shared_prefix_attention
+from gem_fast.static_decode import SYNC_EVERY, StaticDecoder, static_decode_unsupported
 
 try:  # transformers >= 4.48
     from transformers.modeling_utils import AttentionInterface
@@ -42,7 +50,7 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "shared_prefix", "expand")
+STRATEGIES = ("auto", "shared_prefix", "expand", "static")
 _ATTN_NAME = "gem_fast_shared_prefix"
 
 
@@ -54,8 +62,9 @@ class GroupSample:
     token_entropy  [B*k, T] float32: entropy (nats) of softmax(logits / temperature) at each step, before
                    top-p (temperature 0: of softmax(logits)); 0 where ``mask`` is False.
     mask           [B*k, T] bool: valid generated tokens, up to and including EOS.
-    strategy       the KV-reuse path that ran: ``"shared_prefix"`` or ``"expand"``.
-    forward_tokens tokens that went through the model: B*P (prefill) + one per active row per decode step.
+    strategy       the KV-reuse path that ran: ``"shared_prefix"``, ``"expand"`` or ``"static"``.
+    forward_tokens tokens that went through the model: B*P (prefill) + one per active row per decode step
+                   (``static``: every row, finished ones included, per step run).
     prompt_kv_bytes bytes of prompt K/V held during decoding (k-independent with ``shared_prefix``).
     T is the number of steps run: ``max_new_tokens``, or fewer when every row hit EOS earlier.
     """
@@ -83,6 +92,7 @@ def sample_group(
     strategy: str = "auto",
     progress: bool | None = None,
     backend: str = "auto",
+    sync_every: int = SYNC_EVERY,
 ) -> GroupSample:
     """Sample k continuations for each of B left-padded prompts, prefilling each prompt once.
 
@@ -93,6 +103,9 @@ def sample_group(
     ``eos_token_id`` (None: every row runs ``max_new_tokens``). ``pad_token_id`` fills positions after
     EOS (default: the first EOS id, else 0). ``progress``: tqdm bar over steps (None: only on a TTY).
     ``backend``: the :mod:`gem_fast.kernels` backend of the per-step entropy (as the training loss's).
+    ``sync_every``: ``static`` only, decode steps between the host checks for "every row has finished".
+    With ``static`` the draws come from a seed taken once from ``generator`` (counter-based noise), so
+    they differ from the other strategies' draws for the same generator.
     Runs under ``torch.no_grad()``; an FSDP2-wrapped model is all-gathered once for the whole call.
     """
     eos_ids = _check_args(model, input_ids, attention_mask, k, max_new_tokens, temperature, top_p, eos_token_id)
@@ -101,7 +114,9 @@ def sample_group(
         raise ValueError(f"generator: on {generator.device}, the model is on {device}")
     input_ids = input_ids.to(device)
     attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device)
-    strategy = _choose_strategy(model, strategy)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every: must be an int >= 1, got {sync_every!r}")
+    strategy = _choose_strategy(model, strategy, input_ids.shape[1], max_new_tokens)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -121,6 +136,26 @@ def sample_group(
             use_cache=True,
             **logits_kwargs,
         )
+        if strategy == "static":
+            static = StaticDecoder(
+                model, _cache_kv(out.past_key_values), attention_mask.bool(), attention_mask.sum(-1), k=k,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos=eos,
+                pad_token_id=pad_token_id, seed=_noise_seed(generator, device), backend=_sampling_backend(backend),
+                logits_kwargs=logits_kwargs,
+            )
+            first_logits = out.logits[:, -1]
+            del out
+            with tqdm(total=max_new_tokens, desc="sample_group", unit="step",
+                      disable=_progress_disabled(progress)) as bar:
+                steps = static.run(first_logits, sync_every=sync_every, on_step=lambda: bar.update(1))
+            return GroupSample(
+                sequences=static.sequences[:, :steps],
+                token_entropy=static.token_entropy[:, :steps],
+                mask=static.mask[:, :steps],
+                strategy=strategy,
+                forward_tokens=batch * prompt_len + n * static.steps_run,
+                prompt_kv_bytes=static.prompt_kv_bytes,
+            )
         decoder_cls = _SharedPrefixDecoder if strategy == "shared_prefix" else _ExpandDecoder
         decoder = decoder_cls(model, out.past_key_values, attention_mask, k, logits_kwargs)
         logits = out.logits[:, -1]  # [B, V]: the k candidates of a prompt share the first step
@@ -173,6 +208,21 @@ def sample_group(
         forward_tokens=forward_tokens,
         prompt_kv_bytes=decoder.prompt_kv_bytes,
     )
+
+
+def _noise_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """[] int64 on ``device``: the static path's noise seed, one draw from ``generator`` (None: torch's default RNG)."""
+    return torch.randint(2**62, (), generator=generator, device=device)
+
+
+def _sampling_backend(backend: str) -> str:
+    """The :func:`sample_tokens` backend for the kernels ``backend`` of the call."""
+    if backend == "naive":  # sample_tokens' torch backend is the plain computation
+        return "torch"
+    if backend in SAMPLE_BACKENDS:
+        return backend
+    _log_once(logging.INFO, f"sample_group: sample_tokens has no {backend!r} backend; its 'auto' runs")
+    return "auto"
 
 
 def _next_tokens(
@@ -338,17 +388,36 @@ def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _choose_strategy(model: torch.nn.Module, strategy: str) -> str:
+def _choose_strategy(model: torch.nn.Module, strategy: str, prompt_len: int, max_new_tokens: int) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "static":
+        reason = static_decode_unsupported(model, prompt_len, max_new_tokens)
+        if reason is None:
+            return strategy
+        fallback = _choose_strategy(model, "auto", prompt_len, max_new_tokens)
+        _log_once(logging.WARNING, f"sample_group: strategy 'static' cannot run ({reason}); using {fallback!r}")
+        return fallback
     reason = None if strategy == "expand" else shared_prefix_unsupported(model)
     if strategy == "shared_prefix" and reason:
         raise ValueError(f"strategy: 'shared_prefix' is not available: {reason}")
     chosen = "expand" if strategy == "expand" or reason else "shared_prefix"
     if chosen == "shared_prefix" and _ATTN_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(_ATTN_NAME, _shared_prefix_attention_forward)
-    logger.info("sample_group: KV reuse strategy=%s%s", chosen, f" ({reason})" if reason else "")
+    if strategy == "auto":
+        note = f" ({reason})" if reason else " ('static' is not the default until a GPU run shows it faster)"
+        _log_once(logging.INFO, f"sample_group: {type(model).__name__}: KV reuse strategy={chosen}{note}")
     return chosen
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` the first time only: sample_group runs once per micro-step."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.log(level, message)
 
 
 def _cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

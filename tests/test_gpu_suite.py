@@ -76,10 +76,15 @@ def test_dry_run_results_hold_every_stage_rows_and_tables(dry_run):
     assert all(train_step.row_problem(r) is None for r in steps.values())
     assert steps["fused"]["first_loss"] == pytest.approx(steps["naive"]["first_loss"], rel=1e-5)
     assert steps["fused"]["mfu"] > 0 and steps["fused+liger"]["status"] == "not run"
-    assert {r["method"] for r in stages["sampling"]["rows"]} == {"hf_generate", "expand", "shared_prefix"}
+    sampling = stages["sampling"]["rows"]
+    assert {r["method"] for r in sampling} == {"hf_generate", "expand", "shared_prefix", "static"}
+    assert all(r["status"] == "ok" and "decode_ms_per_step" in r and r["limit_ms_per_step"] > 0 for r in sampling)
     assert {r["provider"] for r in stages["sample_rows"]["rows"]} == {"gem_fast:torch", "gem_fast:triton", "torch_ops"}
     assert all(r["status"] == "ok" for r in stages["sample_rows"]["rows"])
     assert [r["step"] for r in stages["sega"]["rows"]] == [1, 2]
+    for r in stages["sega"]["rows"]:  # the parts are inside the step and each was timed
+        parts = [r[p] for p in ("sampling_s", "scoring_s", "forward_backward_s", "optimizer_s")]
+        assert all(p > 0 for p in parts) and sum(parts) <= r["step_time_s"]
     assert all(r["loss"] == r["loss"] for r in stages["sega"]["rows"])  # not NaN
     prefix = {r["layout"]: r for r in stages["sega_prefix"]["rows"]}
     assert prefix["shared"]["tokens"] < prefix["repeated"]["tokens"]

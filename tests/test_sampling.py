@@ -15,7 +15,8 @@ from gem_fast.models import tiny_llama
 from gem_fast.prefix_attention import shared_prefix_attention
 from gem_fast.sampling import sample_group
 
-STRATEGIES = ["shared_prefix", "expand"]
+STRATEGIES = ["shared_prefix", "expand", "static"]
+DROPPING = ["shared_prefix", "expand"]  # finished rows leave the batch (static masks them instead)
 PROMPTS = [
     "Question: what is the capital of France? Think step by step.",
     "Hi",
@@ -143,7 +144,7 @@ def test_prompt_is_processed_once(model, batch, strategy):
     assert sum(seen) < k * b * p
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", DROPPING)
 def test_finished_prompts_stop_costing_compute(model, tokenizer, batch, strategy):
     """A prompt whose k candidates all hit EOS leaves the batch; masks stop at EOS, padding after."""
     input_ids, attention_mask = batch
@@ -182,15 +183,21 @@ def test_entropy_equals_float64_recomputation(model, batch, temperature, top_p, 
         generator=gen, strategy=strategy,
     )
     assert out.token_entropy.dtype == torch.float32 and out.mask.all()
-    # One full forward over prompt + generated tokens: logits at position P-1+t predict token t.
+    ref = entropy_recomputed(model, input_ids, attention_mask, out, temperature)
+    torch.testing.assert_close(out.token_entropy.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def entropy_recomputed(model, input_ids, attention_mask, out, temperature: float) -> torch.Tensor:
+    """Float64 entropies [B*k, T] of ``out``'s steps from one full forward over prompt + generated tokens
+    (the logits at position P-1+t predict token t); every generated token must be valid."""
+    k, new = out.sequences.shape[0] // input_ids.shape[0], out.sequences.shape[1]
     full_ids = torch.cat([input_ids.repeat_interleave(k, 0), out.sequences], 1)
     full_mask = torch.cat([attention_mask.repeat_interleave(k, 0), out.mask.long()], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
     p = input_ids.shape[1]
-    ref = entropy_f64(logits[:, p - 1 : p - 1 + new], temperature if temperature > 0 else 1.0)
-    torch.testing.assert_close(out.token_entropy.double(), ref, rtol=1e-4, atol=1e-4)
+    return entropy_f64(logits[:, p - 1 : p - 1 + new], temperature if temperature > 0 else 1.0)
 
 
 def test_prompt_kv_memory_is_independent_of_k(model, batch):
@@ -198,7 +205,7 @@ def test_prompt_kv_memory_is_independent_of_k(model, batch):
         return sample_group(model, *batch, k=k, max_new_tokens=2, strategy=strategy).prompt_kv_bytes
 
     shared = kv_bytes(1, "shared_prefix")
-    assert shared == kv_bytes(4, "shared_prefix") > 0
+    assert shared == kv_bytes(4, "shared_prefix") == kv_bytes(4, "static") > 0
     assert kv_bytes(4, "expand") == 4 * shared
 
 
@@ -224,7 +231,7 @@ def test_shared_prefix_attention_equals_sdpa_on_concatenated_kv(q_len):
 
 
 def test_bfloat16_model(tokenizer, batch):
-    """bf16 weights: both paths run, entropy stays float32, the first step (from the shared prefill) agrees."""
+    """bf16 weights: every path runs, entropy stays float32, the first step (from the shared prefill) agrees."""
     model = tiny_llama(tokenizer).to(torch.bfloat16)
     outs = [sample_group(model, *batch, k=2, max_new_tokens=4, temperature=0.0, strategy=s) for s in STRATEGIES]
     for out in outs:
@@ -234,7 +241,8 @@ def test_bfloat16_model(tokenizer, batch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bfloat16_shared_prefix_equals_expand(tokenizer, batch):
+def test_cuda_bfloat16_strategies_agree(tokenizer, batch):
+    """bf16 on CUDA (``static`` replays its captured graph for the last 3 of the 6 tokens)."""
     model = tiny_llama(tokenizer).to("cuda", torch.bfloat16)
     gen = {s: torch.Generator("cuda").manual_seed(0) for s in STRATEGIES}
     outs = {
@@ -242,8 +250,9 @@ def test_cuda_bfloat16_shared_prefix_equals_expand(tokenizer, batch):
         for s in STRATEGIES
     }
     assert outs["shared_prefix"].sequences.is_cuda
-    # bf16 rounding differs between the two attention paths; the first steps must agree.
-    torch.testing.assert_close(outs["shared_prefix"].sequences[:, :2], outs["expand"].sequences[:, :2], rtol=0, atol=0)
+    # bf16 rounding differs between the attention paths; the first steps must agree.
+    for s in ("expand", "static"):
+        torch.testing.assert_close(outs["shared_prefix"].sequences[:, :2], outs[s].sequences[:, :2], rtol=0, atol=0)
 
 
 def test_progress_bar(model, batch, capsys):
@@ -267,6 +276,7 @@ def test_progress_bar(model, batch, capsys):
         (dict(top_p=0.0), "top_p"),
         (dict(eos_token_id=10**6), "eos_token_id"),
         (dict(strategy="beam"), "strategy"),
+        (dict(strategy="static", sync_every=0), "sync_every"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(model, change, argument):
