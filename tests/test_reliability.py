@@ -19,6 +19,7 @@ import torch
 from tiny_lm import run_config, write_run_inputs
 
 import gem_fast.train as train_module
+from gem_fast import cli
 from gem_fast.cli import eval_pref_accuracy, plan_kernel, plan_memory, prepare_data
 from gem_fast import models
 from gem_fast.config import GuardConfig
@@ -49,11 +50,11 @@ def _one_line_error(capsys, code: int, call) -> str:
 
 
 def _train_sft(argv: list[str]) -> int:
-    return train_module.main(argv, objective="sft", description="t")
+    return cli.main(argv, objective="sft", description="t")
 
 
 def _train_sega(argv: list[str]) -> int:
-    return train_module.main(argv, objective="sega", description="t")
+    return cli.main(argv, objective="sega", description="t")
 
 
 @pytest.mark.parametrize("case, expected", [

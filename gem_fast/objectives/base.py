@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from gem_fast.data import PreferencePair, load_preference_jsonl
 from gem_fast.distributed import DistEnv
 from gem_fast.policy import PairLoss, PolicyLoss, StepBatches
 
-__all__ = ["Objective", "step_rows"]
+__all__ = ["Objective", "StopRequested", "step_rows"]
 
 
 def step_rows(step: int, micro: int, n_rows: int, run: RunConfig, env: DistEnv) -> list[int]:
@@ -27,11 +27,19 @@ def step_rows(step: int, micro: int, n_rows: int, run: RunConfig, env: DistEnv) 
     return order[start : start + run.batch_size].tolist()
 
 
+class StopRequested(Exception):
+    """Raised by :meth:`Objective.step_batches` between micro-steps once :attr:`Objective.stop_requested`
+    says so: nothing of the step was applied, and the loop checkpoints the state before it."""
+
+
 class Objective(abc.ABC):
     """A training objective over the run's preference pairs: each optimizer step's micro-batches, and
     (DPO/IPO) the loss :class:`~gem_fast.policy.PolicyLoss` applies to pairs; the loop knows no more."""
 
     pair_loss: PairLoss | None = None  # given to PolicyLoss; None: weighted token log-likelihood
+    # Set by the loop: whether the run was told to stop (the same answer on every rank). An objective
+    # whose micro-steps take long (SEGA samples in each) asks between them and raises StopRequested.
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> None:
         self.cfg, self.env, self.pairs, self.tokenizer = cfg, env, pairs, tokenizer

@@ -18,7 +18,7 @@ import torch
 
 from gem_fast.config import SegaConfig
 from gem_fast.data import encode_prompts, join_prompt_and_generation, load_prompts
-from gem_fast.objectives.base import Objective
+from gem_fast.objectives.base import Objective, StopRequested
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
 from gem_fast.ranking import candidate_ratings, entropy_wins
 from gem_fast.sampling import GroupSample
@@ -60,6 +60,9 @@ class SEGA(Objective):
         log_samples = env.rank == 0 and self.samples is not None and (step + 1) % self.cfg.sega.log_samples_every == 0
         policy.eval()
         for micro in range(run.grad_accum):
+            if micro > 0 and self.stop_requested():  # a signal: do not sample the rest of the step
+                policy.train()
+                raise StopRequested
             prompts = self.micro_pairs(step, micro)
             prompt_ids, prompt_mask = (t.to(env.device) for t in encode_prompts(
                 self.tokenizer, prompts, max_length=run.max_length, chat_template=run.chat_template))
