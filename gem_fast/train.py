@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +120,8 @@ def _stop_on_signals(announce: bool) -> Iterator[dict[str, int]]:
                               "from it)")
         if "signal" not in received and announce:
             # os.write, not print: the handler may run inside a write to stderr (tqdm's), which print would re-enter.
-            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: stopping after this step with a "
-                                          "checkpoint; resume with --resume (Ctrl-C again stops at once)\n".encode())
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint; resume "
+                        "with --resume (Ctrl-C again stops at once)\n".encode())
         received.setdefault("signal", signum)
 
     previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from gem_fast.config import GuardConfig
 from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, adamw_update_ratio
-from gem_fast.run_dir import LOCK_NAME, claim_out_dir, open_metrics, run_lock
+from gem_fast.run_dir import LOCK_NAME, claim_out_dir, model_source, open_metrics, run_lock
 from gem_fast.train import lr_factor, train
 
 CPU_ONE = DistEnv.single("cpu")
@@ -71,6 +72,13 @@ def _train_sega(argv: list[str]) -> int:
     ("max_steps_negative", "--max_steps -1: must be >= 0"),
     ("sega_k_1", "--k 1: must be >= 2"),
     ("out_dir_is_file", "--out_dir {tmp}/a_file: is a file, expected a folder"),
+    ("model_is_a_folder_of_other_things", "--model_name_or_path {tmp}: neither a model folder (no config.json)"),
+    ("no_data_given", "--train_jsonl: not given; a JSON Lines file of training rows is needed (the repository "
+                      "ships data/arith/test.jsonl"),
+    ("gem_readme_data", "--train_jsonl data/nothing/pairs.jsonl: no such file (the repository ships"),
+    ("batch_larger_than_the_data", "16 pairs, fewer than one global batch of 32"),
+    ("top_m_above_1", "--top_m 5.0: must be <= 1"),
+    ("yaml_wrong_type", "{tmp}/typed.yaml:2: k must be an integer, got 'four'"),
 ])
 def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
         inputs, tmp_path, capsys, monkeypatch, case, expected):
@@ -79,6 +87,7 @@ def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
     (tmp_path / "latin1.jsonl").write_bytes(data.read_bytes().splitlines(keepends=True)[0]
                                             + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "typed.yaml").write_text("lr: 1e-5\nk: four\n")
     # Every case also fails to load a model, so an error raised after loading would show as a different message.
     monkeypatch.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", case == "offline_hub_id")
@@ -97,8 +106,14 @@ def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
         "max_steps_negative": ["--max_steps", "-1"],
         "sega_k_1": ["--k", "1"],
         "out_dir_is_file": ["--out_dir", str(tmp_path / "a_file")],
+        "model_is_a_folder_of_other_things": ["--model_name_or_path", str(tmp_path)],
+        "no_data_given": ["--train_jsonl", ""],
+        "gem_readme_data": ["--train_jsonl", "data/nothing/pairs.jsonl"],
+        "batch_larger_than_the_data": ["--batch_size", "32"],
+        "top_m_above_1": ["--top_m", "5"],
+        "yaml_wrong_type": ["--config", str(tmp_path / "typed.yaml")],
     }[case]
-    entry = _train_sega if case == "sega_k_1" else _train_sft
+    entry = _train_sega if case in ("sega_k_1", "top_m_above_1", "yaml_wrong_type") else _train_sft
     err = _one_line_error(capsys, 2, lambda: entry(base + argv))
     assert expected.format(tmp=tmp_path) in err
     assert not (tmp_path / "out").exists()
@@ -117,13 +132,57 @@ def test_a_finished_run_is_refused_then_resumed_or_overwritten(tmp_path):
         out = tmp_path / output.replace("/", "_")
         (out / output).parent.mkdir(parents=True)
         (out / output).write_text("{}")
+        has_checkpoint = output.startswith("checkpoints/")
         with pytest.raises(UsageError, match="holds a run .*pass --resume to continue it, --overwrite to replace it"):
-            claim_out_dir(out, resume=False, overwrite=False)
-        claim_out_dir(out, resume=True, overwrite=False)
-        claim_out_dir(out, resume=False, overwrite=True)
+            claim_out_dir(out, resume=False, overwrite=False, has_checkpoint=has_checkpoint)
+        if has_checkpoint:
+            claim_out_dir(out, resume=True, overwrite=False, has_checkpoint=True)
+        else:  # finished (final/), or nothing to resume from: never step 0 over the run's own outputs
+            with pytest.raises(UsageError, match="is finished|no checkpoint to resume from"):
+                claim_out_dir(out, resume=True, overwrite=False, has_checkpoint=False)
+        claim_out_dir(out, resume=False, overwrite=True, has_checkpoint=has_checkpoint)
         assert not any((out / n).exists() for n in ("metrics.jsonl", "final", "checkpoints"))
+    claim_out_dir(tmp_path / "fresh", resume=True, overwrite=False, has_checkpoint=False)  # nothing there yet
     with pytest.raises(UsageError, match="choose one"):
-        claim_out_dir(tmp_path, resume=True, overwrite=True)
+        claim_out_dir(tmp_path, resume=True, overwrite=True, has_checkpoint=False)
+
+
+def test_resume_of_a_finished_run_is_refused_and_keeps_its_final_model(inputs, tmp_path):
+    model_dir, data = inputs
+    kw = dict(batch_size=2, max_steps=2)  # save_every 0: no checkpoint, final/ at the end
+    train(run_config(model_dir, data, tmp_path, **kw))
+    weights = tmp_path / "final" / "model.safetensors"
+    before = weights.read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(UsageError, match=f"--resume: the run in {tmp_path} is finished .*pass --overwrite"):
+        train(run_config(model_dir, data, tmp_path, **kw, resume=True))
+    shutil.rmtree(tmp_path / "final")  # as if it had crashed before the export: still nothing to resume from
+    with pytest.raises(UsageError, match="no checkpoint to resume from .*--overwrite"):
+        train(run_config(model_dir, data, tmp_path, **kw, resume=True))
+    assert (tmp_path / "metrics.jsonl").read_text() == before[1]
+    assert train(run_config(model_dir, data, tmp_path, **kw, overwrite=True)).steps_done == 2
+    assert weights.is_file()
+
+
+def test_a_run_folder_as_model_means_its_final_and_any_other_folder_is_named(tmp_path, caplog):
+    run = tmp_path / "sft-demo"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=f"--model_name_or_path {run}: a training run without final/ yet "
+                                         r"\(it holds checkpoints/, train_config.json\); finish it"):
+        model_source(str(run))
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="gem_fast.run_dir"):
+        assert model_source(str(run)) == str(run / "final")
+    assert "a training run; using its trained model" in caplog.text
+    assert model_source(str(run / "final")) == str(run / "final")
+    assert model_source(None) is None
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("")
+    with pytest.raises(UsageError, match=r"neither a model folder \(no config.json\) nor a training run \(no "
+                                         r"final/\); it holds a.txt"):
+        model_source(str(other), "--ref_model_name_or_path")
 
 
 def test_out_dir_lock_stops_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, caplog):
@@ -250,6 +309,7 @@ def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tm
     finally:
         report.unlink()
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "typed.yaml").write_text("lr: 1e-5\nk: four\n")
     err = _one_line_error(capsys, 2, lambda: eval_pref_accuracy.main(
         ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data),
          "--output_json", str(tmp_path / "a_file" / "report.json")]))
