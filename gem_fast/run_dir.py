@@ -26,7 +26,7 @@ from typing import Any, Iterator, TextIO
 from gem_fast.config import TrainConfig
 from gem_fast.errors import UsageError, check_model_source, output_dir, training_data
 
-__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "file_sha256", "settings_changes",
+__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "trained_chat_template", "file_sha256", "settings_changes",
            "open_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,18 @@ def model_source(name_or_path: str | None, flag: str = "--model_name_or_path") -
                          f"finish it (--resume --out_dir {name_or_path}), or name a model folder")
     raise UsageError(f"{flag} {name_or_path}: neither a model folder (no {_MODEL_MARKER}) nor a training run "
                      f"(no final/); it holds {listing}")
+
+
+def trained_chat_template(model: str | None) -> bool | None:
+    """The ``chat_template`` setting the run that wrote ``model`` (its ``<out_dir>/final``) trained with,
+    from its ``train_config.json``; None for any other model."""
+    if model is None or Path(model).name != "final":
+        return None
+    config = Path(model).parent / "train_config.json"
+    try:
+        return bool(json.loads(config.read_text())["chat_template"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def checked_paths(cfg: TrainConfig) -> TrainConfig:

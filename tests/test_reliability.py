@@ -297,7 +297,7 @@ def test_sigterm_checkpoints_and_exits_143_without_a_traceback(inputs, tmp_path,
 
 def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tmp_path, capsys, monkeypatch):
     model_dir, data = inputs
-    monkeypatch.setattr(eval_pref_accuracy, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     assert eval_pref_accuracy.default_output(str(model_dir), data) == model_dir / "pref_accuracy-pairs.json"
     assert eval_pref_accuracy.default_output(None, data) == Path("outputs/pref_accuracy/embedded-smollm2-pairs.json")
     report = model_dir / "pref_accuracy-pairs.json"
@@ -309,7 +309,6 @@ def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tm
     finally:
         report.unlink()
     (tmp_path / "a_file").write_text("")
-    (tmp_path / "typed.yaml").write_text("lr: 1e-5\nk: four\n")
     err = _one_line_error(capsys, 2, lambda: eval_pref_accuracy.main(
         ["--model_name_or_path", str(model_dir), "--eval_jsonl", str(data),
          "--output_json", str(tmp_path / "a_file" / "report.json")]))

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from gem_fast.config import TrainConfig, parse_bool, read_yaml
-from gem_fast.errors import UsageError, add_debug_flag, entry_point, number
+from gem_fast.errors import ArgumentParser, UsageError, add_debug_flag, entry_point, number
 from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
 from gem_fast.shapes import PRESETS, model_shape
 
@@ -36,7 +36,7 @@ NOT_MODELLED = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=NOT_MODELLED)
     parser.add_argument("--model", default="llama3-8b",
                         help=f"a preset {sorted(PRESETS)} or an HF config.json (file or folder)")
