@@ -114,10 +114,11 @@ def _stop_on_signals(announce: bool) -> Iterator[dict[str, int]]:
     at once, keeping the last checkpoint; a second SIGTERM does not (torchrun sends one to every worker
     still closing once another has exited)."""
     received: dict[str, int] = {}
+    again = Interrupted("stopped at once by a second Ctrl-C; the last checkpoint is kept (--resume continues from it)")
     def record(signum: int, _frame: Any) -> None:
         if "signal" in received and signum == signal.SIGINT:
-            raise Interrupted("stopped at once by a second Ctrl-C; the last checkpoint is kept (--resume continues "
-                              "from it)")
+            received["again"] = signum
+            raise again
         if "signal" not in received and announce:
             # os.write, not print: the handler may run inside a write to stderr (tqdm's), which print would re-enter.
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint; resume "
@@ -127,6 +128,10 @@ def _stop_on_signals(announce: bool) -> Iterator[dict[str, int]]:
     previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield received
+    except Exception:
+        if "again" in received:  # raised where it was wrapped in another exception (DCP's CheckpointException)
+            raise again from None
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
