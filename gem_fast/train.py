@@ -184,11 +184,13 @@ def _restore_schedule(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr
     schedule.step()  # sets every group's lr for the step at last_epoch from the new base lr
 
 
-def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device
-                      ) -> torch.Tensor:
-    """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync)."""
+def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device,
+                      progress: bool) -> torch.Tensor:
+    """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync).
+    ``progress``: a bar over the micro-batches once the step has lasted 5 s."""
     loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
+    for mb in tqdm(micro_batches, desc="forward/backward", unit="micro-step", delay=5, leave=False,
+                   disable=not progress):
         with autocast:
             loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask,
                           mb.token_weights, mb.reference) * mb.loss_scale
@@ -285,7 +287,7 @@ def train(
                 last_ckpt = checkpoint(step)
                 stopped = received.get("signal", signal.SIGTERM)
                 break
-            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
+            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device, objective.progress)
             grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
             values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
             record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),

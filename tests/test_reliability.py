@@ -397,6 +397,15 @@ def test_a_signal_stops_sega_between_micro_steps_and_the_resumed_run_matches(inp
     assert resumed.losses == pytest.approx(full.losses[1:], rel=1e-6)
 
 
+def test_progress_false_prints_no_step_lines_and_true_one_per_step(inputs, tmp_path, capsys):
+    model_dir, data = inputs
+    train(run_config(model_dir, data, tmp_path / "quiet", export_hf=False, progress=False))
+    quiet = capsys.readouterr()
+    assert "grad_norm" not in quiet.out + quiet.err
+    train(run_config(model_dir, data, tmp_path / "shown", export_hf=False, progress=True))
+    assert capsys.readouterr().out.count("grad_norm") == 3
+
+
 def _start_training(tmp_path: Path, inputs, script: str, out: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
     """``scripts/<script>`` on the tiny model for far more steps than the test waits for; its stderr file."""
     model_dir, data = inputs

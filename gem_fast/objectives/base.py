@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from gem_fast.config import RunConfig, TrainConfig
 from gem_fast.data import PreferencePair, load_preference_jsonl
@@ -43,6 +44,24 @@ class Objective(abc.ABC):
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> None:
         self.cfg, self.env, self.pairs, self.tokenizer = cfg, env, pairs, tokenizer
+
+    @property
+    def progress(self) -> bool:
+        """Whether this rank shows progress bars (rank 0 with ``--progress``)."""
+        return self.env.rank == 0 and self.cfg.run.progress
+
+    def micro_steps(self, step: int, doing: str) -> Iterator[int]:
+        """The micro-step indices of optimizer step ``step``; between two, :class:`StopRequested` once
+        :attr:`stop_requested` says so. With :attr:`progress`, a bar ``doing`` over them that shows
+        when the step has lasted 5 s (a SEGA step on the CPU takes minutes)."""
+        grad_accum = self.cfg.run.grad_accum
+        with tqdm(total=grad_accum, desc=f"step {step + 1}: {doing}", unit="micro-step", delay=5, leave=False,
+                  disable=not self.progress) as bar:
+            for micro in range(grad_accum):
+                if micro > 0 and self.stop_requested():
+                    raise StopRequested
+                yield micro
+                bar.update(1)
 
     @staticmethod
     def read_rows(path: str) -> list[PreferencePair]:
