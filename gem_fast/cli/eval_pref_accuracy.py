@@ -1,7 +1,7 @@
 """Preference accuracy of a causal LM on a JSONL file of pairs, with the implicit reward β·log π(a|q).
 
-    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo/final \
-        --eval_jsonl data/pairs.jsonl --beta 1.0
+    python scripts/eval_pref_accuracy.py --model_name_or_path outputs/sega-demo \
+        --eval_jsonl data/synthetic/pairs.jsonl --beta 1.0
 
 Prints a table (per subset when rows carry "subset", then all pairs) and, with
 ``--task_max_new_tokens N``, the task accuracy: how often the greedy completion (at most N tokens)
@@ -10,6 +10,8 @@ included, as JSON: by default beside the evaluated model, as
 ``<model folder>/pref_accuracy-<eval file stem>.json`` (``<file>.pref_accuracy-<stem>.json`` for a
 .gguf file, ``outputs/pref_accuracy/<model>-<stem>.json`` for a Hub id or the embedded SmolLM2). An
 existing report is kept unless --overwrite. Without --model_name_or_path the embedded SmolLM2 runs.
+A training run's out_dir as --model_name_or_path means its ``final/``, and prompts then get the chat
+template the run trained with unless --chat_template says otherwise.
 """
 
 from __future__ import annotations
