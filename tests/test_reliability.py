@@ -29,7 +29,8 @@ from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, adamw_update_ratio
 from gem_fast.policy import PolicyLoss
-from gem_fast.run_dir import LOCK_NAME, claim_out_dir, model_source, open_metrics, run_lock
+from gem_fast.run_dir import (LOCK_NAME, claim_out_dir, model_source, open_metrics, run_lock,
+                              trained_chat_template)
 from gem_fast.train import lr_factor, train
 
 CPU_ONE = DistEnv.single("cpu")
@@ -179,6 +180,10 @@ def test_a_run_folder_as_model_means_its_final_and_any_other_folder_is_named(tmp
     assert "a training run; using its trained model" in caplog.text
     assert model_source(str(run / "final")) == str(run / "final")
     assert model_source(None) is None
+    assert trained_chat_template(str(run / "final")) is None  # no chat_template recorded: the default applies
+    (run / "train_config.json").write_text('{"chat_template": true}')
+    assert trained_chat_template(model_source(str(run))) is True  # eval follows how the run trained
+    assert trained_chat_template(str(tmp_path)) is None
     other = tmp_path / "notes"
     other.mkdir()
     (other / "a.txt").write_text("")
