@@ -169,7 +169,8 @@ def test_booleans_are_spelled_the_same_in_every_script():
 
 def test_the_scripts_parse_their_arguments_without_importing_torch():
     # A fresh interpreter: this one has torch loaded already.
-    probe = ("import sys; from gem_fast import cli; from gem_fast.cli import eval_pref_accuracy, gates; "
+    probe = ("import sys; from gem_fast import cli; from gem_fast.cli import eval_pref_accuracy, gates, plan_memory; "
+             "plan_memory.build_parser().parse_args(['--world_size', '8']); "
              "from gem_fast.config import parse_config; "
              "parse_config(['--k', '3', '--lr', '1e-5'], objective='sega', description='t'); "
              "eval_pref_accuracy.parse_args(['--eval_jsonl', 'x']); gates.parse_args(['--train_jsonl', 'x']); "

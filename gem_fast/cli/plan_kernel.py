@@ -25,7 +25,7 @@ MIB = 2**20
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=number(int, above=0), default=32768)
     parser.add_argument("--hidden", type=number(int, above=0), default=4096)
     parser.add_argument("--vocab", type=number(int, above=0), default=128256)
