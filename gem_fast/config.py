@@ -60,8 +60,8 @@ class RunConfig(_Bounded):
                                 "takes {prompt, completion} and chat {messages} rows (see README, Data)")
     out_dir: str = _opt("outputs/run", "folder of the run: checkpoints/, metrics.jsonl, train_config.json and "
                                        "final/ (the trained model as a Hugging Face folder)")
-    model_name_or_path: str | None = _opt(None, "HF model folder, .gguf file or Hub id (unset: the embedded "
-                                                "SmolLM2-135M-Instruct)")
+    model_name_or_path: str | None = _opt(None, "HF model folder, a training run's out_dir (its final/), .gguf "
+                                                "file or Hub id (unset: the embedded SmolLM2-135M-Instruct)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
                                                                   "dpo or ipo on the pairs")
     prefix_sharing: Literal["auto", "on", "off"] = _opt(
@@ -78,7 +78,8 @@ class RunConfig(_Bounded):
     save_every: int = _opt(0, "optimizer steps between checkpoints (0: only when SIGTERM/SIGINT stops the run)",
                            at_least=0)
     keep_checkpoints: int = _opt(2, "newest checkpoints kept on disk; older ones are deleted", at_least=1)
-    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints")
+    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints (an empty out_dir "
+                               "starts at step 0; a finished run, final/ written, is refused: --overwrite redoes it)")
     overwrite: bool = _opt(False, "start afresh in an out_dir that holds a run (its checkpoints, metrics and final/ "
                                   "are deleted first); without it such an out_dir is refused")
     allow_config_change: bool = _opt(False, "with --resume: apply training settings (lr, schedule, batch, "
