@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 __all__ = ["FatalError", "UsageError", "Interrupted", "entry_point", "ArgumentParser", "add_debug_flag", "number",
-           "parse_bool", "BOOL_ARG", "user_input", "input_file", "training_data", "output_dir", "writable_file", "check_model_source"]
+           "parse_bool", "BOOL_ARG", "user_input", "input_file", "training_data", "output_dir", "writable_file",
+           "check_model_source"]
 
 DEBUG_ENV = "GEM_FAST_DEBUG"
 DEBUG_FLAG = "--debug"

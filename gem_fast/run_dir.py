@@ -1,4 +1,5 @@
-"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check, metrics.jsonl.
+"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check, metrics.jsonl;
+and a run's folder named as a model (its ``final/``).
 
 Layout the checks look at::
 
@@ -26,8 +27,8 @@ from typing import Any, Iterator, TextIO
 from gem_fast.config import TrainConfig
 from gem_fast.errors import UsageError, check_model_source, output_dir, training_data
 
-__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "trained_chat_template", "file_sha256", "settings_changes",
-           "open_metrics"]
+__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "trained_chat_template",
+           "file_sha256", "settings_changes", "open_metrics"]
 
 logger = logging.getLogger(__name__)
 
