@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder or Hub id whose chat template renders the prompts"
     )
-    p.add_argument("--overwrite", **BOOL_ARG, default=False, help="replace existing train.jsonl / test.jsonl in --out_dir")
+    p.add_argument("--overwrite", **BOOL_ARG, default=False,
+                   help="replace existing train.jsonl / test.jsonl in --out_dir")
     add_debug_flag(p)
     return p.parse_args(argv)
 
