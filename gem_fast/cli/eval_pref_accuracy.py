@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=number(int, at_least=1), default=8, help="pairs per forward")
     p.add_argument("--max_length", type=number(int, at_least=2), default=1024, help="tokens per prompt+response row")
     p.add_argument("--limit", type=number(int, at_least=1), default=None, help="evaluate the first N pairs only")
-    p.add_argument("--tie_tolerance", type=float, default=1e-6, help="relative reward gap that still counts as a tie")
+    p.add_argument("--tie_tolerance", type=number(float, at_least=0), default=1e-6, help="relative reward gap that still counts as a tie")
     p.add_argument("--n_bootstrap", type=number(int, at_least=1), default=1000,
                    help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

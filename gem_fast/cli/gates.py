@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The sections check their bounds (--top_m 5: one line) before anything loads.
+    sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p)
+    sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
+                      final_fraction=args.final_fraction)
     args.model_name_or_path = model_source(args.model_name_or_path)
     train_jsonl = training_data(args.train_jsonl, "--train_jsonl")
     # torch and transformers only now that the arguments are known to be good
@@ -74,10 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=getattr(torch, args.dtype),
                                                 device=args.device)
-    sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p)
-    sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
-                      final_fraction=args.final_fraction)
     with torch.no_grad():
         gates = candidate_gates(model.eval(), tokenizer, pairs, sampling, sega,
                                 chat_template=args.chat_template, max_length=args.max_length, seed=args.seed,
