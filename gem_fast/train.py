@@ -187,10 +187,10 @@ def _restore_schedule(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr
 def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device,
                       progress: bool) -> torch.Tensor:
     """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync).
-    ``progress``: a bar over the micro-batches once the step has lasted 5 s."""
+    ``progress``: a bar over the micro-batches on a terminal once the step has lasted 5 s."""
     loss_sum = torch.zeros((), device=device)
     for mb in tqdm(micro_batches, desc="forward/backward", unit="micro-step", delay=5, leave=False,
-                   disable=not progress):
+                   disable=None if progress else True):  # None: on a terminal only, not in a log file
         with autocast:
             loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask,
                           mb.token_weights, mb.reference) * mb.loss_scale

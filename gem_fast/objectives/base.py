@@ -52,11 +52,11 @@ class Objective(abc.ABC):
 
     def micro_steps(self, step: int, doing: str) -> Iterator[int]:
         """The micro-step indices of optimizer step ``step``; between two, :class:`StopRequested` once
-        :attr:`stop_requested` says so. With :attr:`progress`, a bar ``doing`` over them that shows
-        when the step has lasted 5 s (a SEGA step on the CPU takes minutes)."""
+        :attr:`stop_requested` says so. With :attr:`progress`, a bar ``doing`` over them on a terminal
+        once the step has lasted 5 s (a SEGA step on the CPU takes minutes)."""
         grad_accum = self.cfg.run.grad_accum
         with tqdm(total=grad_accum, desc=f"step {step + 1}: {doing}", unit="micro-step", delay=5, leave=False,
-                  disable=not self.progress) as bar:
+                  disable=None if self.progress else True) as bar:  # None: on a terminal only
             for micro in range(grad_accum):
                 if micro > 0 and self.stop_requested():
                     raise StopRequested
