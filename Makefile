@@ -20,7 +20,7 @@ $(SETUP_STAMP): pyproject.toml constraints.txt
 	# Liger-Kernel is a peer in the benchmarks; it is pure Python + Triton.
 	@echo "setup 3/3: liger-kernel, a peer in the benchmarks"
 	$(PIP) install --progress-bar off --no-deps liger-kernel==0.8.5
-	touch $@
+	mkdir -p $(dir $@) && touch $@
 	@echo "setup: done ($(PY))"
 
 test: setup
