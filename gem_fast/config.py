@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 import yaml
 
-from gem_fast.errors import UsageError, add_debug_flag, input_file
-from gem_fast.kernels import BACKENDS
-from gem_fast.ranking import RATING_METHODS
+# Light modules only: the scripts parse their arguments before torch and transformers load.
+from gem_fast.choices import BACKENDS, RATING_METHODS
+from gem_fast.errors import BOOL_ARG, ArgumentParser, UsageError, add_debug_flag, input_file, parse_bool
 from gem_fast.reporting import REPORT_TO, missing_package
 
 __all__ = ["RunConfig", "OptimConfig", "GuardConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
-           "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "read_yaml", "parse_config"]
+           "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "ConfigFile", "read_yaml",
+           "parse_config"]
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -59,8 +60,8 @@ class RunConfig(_Bounded):
                                 "takes {prompt, completion} and chat {messages} rows (see README, Data)")
     out_dir: str = _opt("outputs/run", "folder of the run: checkpoints/, metrics.jsonl, train_config.json and "
                                        "final/ (the trained model as a Hugging Face folder)")
-    model_name_or_path: str | None = _opt(None, "HF model folder, .gguf file or Hub id (unset: the embedded "
-                                                "SmolLM2-135M-Instruct)")
+    model_name_or_path: str | None = _opt(None, "HF model folder, a training run's out_dir (its final/), .gguf "
+                                                "file or Hub id (unset: the embedded SmolLM2-135M-Instruct)")
     objective: Literal["sft", "sega", "dpo", "ipo"] = _opt("sft", "training objective: sft on the chosen responses, "
                                                                   "dpo or ipo on the pairs")
     prefix_sharing: Literal["auto", "on", "off"] = _opt(
@@ -77,13 +78,15 @@ class RunConfig(_Bounded):
     save_every: int = _opt(0, "optimizer steps between checkpoints (0: only when SIGTERM/SIGINT stops the run)",
                            at_least=0)
     keep_checkpoints: int = _opt(2, "newest checkpoints kept on disk; older ones are deleted", at_least=1)
-    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints")
+    resume: bool = _opt(False, "continue from the newest checkpoint under out_dir/checkpoints (an empty out_dir "
+                               "starts at step 0; a finished run, final/ written, is refused: --overwrite redoes it)")
     overwrite: bool = _opt(False, "start afresh in an out_dir that holds a run (its checkpoints, metrics and final/ "
                                   "are deleted first); without it such an out_dir is refused")
     allow_config_change: bool = _opt(False, "with --resume: apply training settings (lr, schedule, batch, "
                                             "objective, seed, data, model) that differ from the checkpoint's, "
                                             "logged, instead of refusing")
-    chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template (instruct models)")
+    chat_template: bool = _opt(False, "wrap prompts in the tokenizer's chat template (instruct models; the demo "
+                                      "configs set true); eval_pref_accuracy.py of the run's final/ follows it")
     trust_remote_code: bool = _opt(False, "let transformers run Python code from the model repository (only for "
                                           "repositories you trust)")
     export_hf: bool = _opt(True, "write the trained model as a Hugging Face folder to <out_dir>/final at the end")
@@ -163,7 +166,7 @@ class SegaConfig(_Bounded):
     lambda_fork: float = _opt(0.4, "Eq. 1, S = -mean(H_answer) + lambda_fork x mean(H_forks): weight of the "
                                    "fork tokens' entropy")
     top_m: float = _opt(0.1, "Eq. 1: fraction (0-1] of a candidate's tokens before the answer span, those of "
-                             "highest entropy, taken as forks")
+                             "highest entropy, taken as forks", above=0, at_most=1)
     reward_mapping: Literal["identity", "softmax", "zscore"] = _opt(
         "softmax", "scores to rewards: identity, softmax over the group at reward_temperature, or zscore "
                    "(S - mean) / std over the group (the official GEM code's)")
@@ -173,7 +176,7 @@ class SegaConfig(_Bounded):
         "last_fraction", "which tokens Eq. 1 scores as the answer: the last final_fraction of the candidate, or "
                          "the tokens after an 'Answer:' / '####' marker (see marker_fallback)")
     final_fraction: float = _opt(0.25, "this fraction (0-1] of a candidate's tokens, from its end, is the answer "
-                                       "(final_span last_fraction, or a marker's fallback)")
+                                       "(final_span last_fraction, or a marker's fallback)", above=0, at_most=1)
     marker_fallback: bool = _opt(True, "final_span marker: a candidate without a marker (cut off by "
                                        "gen_max_new_tokens) is scored on its last final_fraction instead of getting "
                                        "-inf and reward 0")
@@ -183,7 +186,7 @@ class SegaConfig(_Bounded):
                                  "ratings fitted to the candidates' token-level entropy comparisons",
                         choices=RATING_METHODS)
     log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends its prompts, candidates, "
-                                      "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)")
+                                      "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)", at_least=0)
 
 
 @dataclass(frozen=True)
@@ -284,15 +287,6 @@ def field_names(values: dict[str, Any], aliases: dict[str, str], *, spell: str =
     return renamed
 
 
-def parse_bool(text: str) -> bool:
-    """true/false, yes/no, on/off, 1/0 (any case) as a bool; argparse's error otherwise."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _arg_spec(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """argparse keywords for a field (also used to coerce YAML strings such as 1e-5)."""
     shown = "" if f.default in (None, "") else f" (default: {f.default})"
@@ -302,7 +296,7 @@ def _arg_spec(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if typing.get_origin(hint) is Literal:
         return {**spec, "choices": typing.get_args(hint)}
     if hint is bool:
-        return {**spec, "type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+        return {**spec, **BOOL_ARG}
     if hint in (int, float):
         return {**spec, "type": hint}
     return {**spec, "type": str}  # str and str | None
@@ -321,7 +315,28 @@ class _OneSpelling(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+class ConfigFile(dict):
+    """A config file's fields by flat name (a dict), and where each was written: :meth:`where`."""
+
+    def __init__(self, path: Path, values: dict[str, Any], lines: dict[str, int]) -> None:
+        super().__init__(values)
+        self.path, self.lines = path, lines
+
+    def where(self, key: str) -> str:
+        """``file:line`` of ``key`` (the file alone for a key it does not hold)."""
+        return f"{self.path}:{self.lines[key]}" if key in self.lines else str(self.path)
+
+
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
+    """1-based line of every key of a YAML mapping and of the mappings nested in it."""
+    lines: dict[str, int] = {}
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
+        lines[str(key.value)] = key.start_mark.line + 1
+        lines.update(_key_lines(value))
+    return lines
+
+
+def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> ConfigFile:
     """A config file's fields by flat name: top-level keys, or a section's mapping (``optim: {lr: ...}``).
 
     A nested section must be one of ``sections`` (None: any) and hold only its own fields
@@ -330,7 +345,9 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict
     """
     path = input_file(path, "--config")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        loaded = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
@@ -347,11 +364,38 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> dict
             flat[key] = value
             continue
         if key not in by_name:
-            raise UsageError(f"{path}: {key!r} is not a config section here (sections: {sorted(by_name)})")
+            raise UsageError(f"{path}:{lines.get(str(key), '?')}: {key!r} is not a config section here "
+                             f"(sections: {sorted(by_name)})")
         if unknown := sorted(set(value) - {f.name for f in dataclasses.fields(by_name[key])}):
             raise UsageError(f"{path}: unknown keys {unknown} in section {key!r}")
         flat.update(value)
-    return flat
+    return ConfigFile(path, flat, lines)
+
+
+_YAML_KINDS = {int: "an integer", float: "a number", parse_bool: "true or false"}
+
+
+def _yaml_value(name: str, value: Any, spec: dict[str, Any], where: str) -> Any:
+    """A YAML value as the flag's type, or :class:`UsageError` at ``where`` (file:line) naming the key.
+    YAML 1.1 leaves 1e-5 a string and reads a bare on/off as a bool: both are taken as meant."""
+    kind = spec.get("type")
+    if isinstance(value, bool) and "on" in spec.get("choices", ()):
+        value = "on" if value else "off"
+    fits = {int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float)) and not isinstance(value, bool),
+            parse_bool: isinstance(value, bool)}.get(kind, True)
+    if not fits and isinstance(value, str):
+        try:
+            value, fits = kind(value), True
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+    if not fits:
+        raise UsageError(f"{where}: {name} must be {_YAML_KINDS[kind]}, got {value!r}")
+    if kind is str and isinstance(value, (list, dict)):
+        raise UsageError(f"{where}: {name} must be a single value, got {value!r}")
+    if "choices" in spec and value not in spec["choices"]:
+        raise UsageError(f"{where}: {name} must be one of {spec['choices']}, got {value!r}")
+    return value
 
 
 def parse_config(argv: list[str] | None, *, objective: str, description: str) -> TrainConfig:
@@ -360,13 +404,15 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
     Every field is a ``--flag`` (``--resume`` alone means true), listed in ``--help`` under its
     section with its :data:`HF_ALIASES` spelling. ``objective`` "sega" fixes the objective and
     offers the sampling/SEGA sections (``--beta``: the reward temperature); otherwise it is the
-    default of ``--objective`` (sft, dpo, ipo) and the pair section is offered. Unknown YAML keys,
-    and a field given under two names in one place, stop with a usage error naming them.
+    default of ``--objective`` (sft, dpo, ipo) and the pair section is offered. Unknown flags
+    (with the closest one), unknown YAML keys, YAML values of the wrong type (with file:line) and a
+    field given under two names in one place stop with a one-line usage error naming them.
+    Imports no torch: run it before the training modules load.
     """
     sega = objective == "sega"
     hidden = _PAIR_SECTIONS if sega else _SEGA_SECTIONS
     aliases = {**HF_ALIASES, **(_SEGA_ALIASES if sega else {})}
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config fields (flat, or nested by section); flags win")
     add_debug_flag(parser)
     specs: dict[str, dict[str, Any]] = {}
@@ -389,22 +435,19 @@ def parse_config(argv: list[str] | None, *, objective: str, description: str) ->
     values: dict[str, Any] = {"objective": objective}
     if "config" in cli:
         path = cli.pop("config")
+        raw = read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden))
         try:
-            loaded = field_names(read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden)),
-                                 aliases, spell=f"{path}: keys {{}} and {{}}")
+            loaded = field_names(raw, aliases, spell=f"{path}: keys {{}} and {{}}")
         except ValueError as exc:  # a key under two names; a bad file is a UsageError already
             raise UsageError(str(exc)) from None
         if unknown := sorted(set(loaded) - set(specs)):
             parser.error(f"{path}: unknown keys {unknown} for {objective}")
+        spelled = {aliases.get(key, key): key for key in raw}
         for name, value in loaded.items():
-            spec = specs[name]
-            if isinstance(value, str) and spec.get("type") in (int, float, parse_bool):
-                value = spec["type"](value)
-            if isinstance(value, bool) and "on" in spec.get("choices", ()):  # YAML 1.1 reads a bare on/off as a bool
-                value = "on" if value else "off"
-            if "choices" in spec and value not in spec["choices"]:
-                parser.error(f"{path}: {name} must be one of {spec['choices']}, got {value!r}")
-            values[name] = value
+            try:
+                values[name] = _yaml_value(name, value, specs[name], raw.where(spelled[name]))
+            except UsageError as exc:
+                parser.error(str(exc))
     values.update(cli)
     if why := missing_package(values.get("report_to", "none")):
         parser.error(why)  # before any model loads

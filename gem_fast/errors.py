@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
-__all__ = ["FatalError", "UsageError", "entry_point", "add_debug_flag", "number", "user_input", "input_file",
-           "output_dir", "writable_file", "check_model_source"]
+__all__ = ["FatalError", "UsageError", "Interrupted", "entry_point", "ArgumentParser", "add_debug_flag", "number",
+           "parse_bool", "BOOL_ARG", "user_input", "input_file", "training_data", "output_dir", "writable_file",
+           "check_model_source"]
 
 DEBUG_ENV = "GEM_FAST_DEBUG"
 DEBUG_FLAG = "--debug"
@@ -36,6 +39,12 @@ class UsageError(FatalError, ValueError):
     """A bad argument, input file or output path, named in the message with what to do; exit status 2."""
 
     exit_code = 2
+
+
+class Interrupted(FatalError):
+    """A second Ctrl-C: the run stops at once, keeping its last checkpoint; exit status 130 (128 + SIGINT)."""
+
+    exit_code = 130
 
 
 def _debug(argv: list[str] | None) -> bool:
@@ -62,6 +71,27 @@ def entry_point(main: Main) -> Main:
     return run  # type: ignore[return-value]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as the scripts use it: no prefix matching (``--gen_max_new_token`` is an unknown flag,
+    not ``--gen_max_new_tokens``), an unknown flag named with the closest known one, and every usage
+    error as one line ``prog: error: ...`` (exit 2) instead of the whole usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        if unknown := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            flags = [arg.split("=", 1)[0] for arg in unknown.group(1).split() if arg.startswith("--")]
+            message = "; ".join(self._unknown_flag(flag) for flag in flags) or message
+            message += " (--help lists the flags)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _unknown_flag(self, flag: str) -> str:
+        known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1)
+        return f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
 def add_debug_flag(parser: Any) -> None:
     """``--debug`` on an argparse parser (read by :func:`entry_point`; the parsed value is not used)."""
     parser.add_argument(DEBUG_FLAG, action="store_true",
@@ -79,6 +109,20 @@ def number(kind: type[int] | type[float], *, above: float | None = None, at_leas
             raise argparse.ArgumentTypeError(f"must be >= {at_least}, got {text}")
         return value
     return parse
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case) as a bool; argparse's error otherwise."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+BOOL_ARG: dict[str, Any] = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+"""argparse keywords of a boolean flag, the same in every script: ``--flag`` alone is true, and
+``--flag true|false`` (yes/no, on/off, 1/0) says it outright."""
 
 
 @contextlib.contextmanager
@@ -103,6 +147,21 @@ def input_file(path: str | Path, flag: str) -> Path:
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path}: not readable (check its permissions)")
     return path
+
+
+_SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data"  # in a clone (or editable install) of the repository
+
+
+def training_data(path: str | Path, flag: str) -> Path:
+    """:func:`input_file` for a data flag; when it is unset or missing, the message lists the JSONL
+    sets the repository ships under ``data/`` (GEM's ``data/synthetic/pairs.jsonl`` among them)."""
+    shipped = sorted(str(p.relative_to(_SHIPPED_DATA.parent)) for p in _SHIPPED_DATA.glob("*/*.jsonl"))
+    hint = f"the repository ships {', '.join(shipped)}" if shipped else "see the README's Data section"
+    if not str(path):
+        raise UsageError(f"{flag}: not given; a JSON Lines file of training rows is needed ({hint})")
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"{flag} {path}: no such file ({hint})")
+    return input_file(path, flag)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from gem_fast.choices import RATING_METHODS  # what candidate_ratings rates by; light, for the CLI
+
 __all__ = [
     "RATING_METHODS",
     "rank_order",
@@ -32,10 +34,6 @@ __all__ = [
     "trim_mask",
     "top_bottom_pairs",
 ]
-
-
-RATING_METHODS = ("score", "bradley_terry", "trueskill")
-"""What :func:`candidate_ratings` can rate by (SEGA's ``ranking`` setting)."""
 
 
 def _check_ratings(ratings: torch.Tensor, name: str = "ratings") -> None:

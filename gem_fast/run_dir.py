@@ -1,4 +1,5 @@
-"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check, metrics.jsonl.
+"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check, metrics.jsonl;
+and a run's folder named as a model (its ``final/``).
 
 Layout the checks look at::
 
@@ -23,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from gem_fast.errors import UsageError
+from gem_fast.config import TrainConfig
+from gem_fast.errors import UsageError, check_model_source, output_dir, training_data
 
-__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "file_sha256", "settings_changes", "open_metrics"]
+__all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "trained_chat_template",
+           "file_sha256", "settings_changes", "open_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ def run_lock(out_dir: Path) -> Iterator[Path]:
     A lock of a live process (or of another host) stops with :class:`UsageError` naming its pid,
     host and start time; a lock whose pid is dead on this host (a crashed or killed run) is taken over.
     """
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -87,15 +91,28 @@ def run_lock(out_dir: Path) -> Iterator[Path]:
     finally:
         if (_read_lock(path) or {}).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):  # a run that stopped before writing anything leaves no trace
+            out_dir.rmdir()
 
 
-def claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool, has_checkpoint: bool) -> None:
     """Refuse (:class:`UsageError`) an ``out_dir`` that holds a run unless ``resume`` or ``overwrite``;
-    with ``overwrite`` delete its checkpoints, metrics and ``final/`` first (logged)."""
+    with ``overwrite`` delete its checkpoints, metrics and ``final/`` first (logged). ``resume`` of a
+    finished run (``final/`` written), or of a run with no checkpoint (``has_checkpoint`` false: it
+    would restart at step 0 over its own outputs), is refused too; ``resume`` of an empty out_dir starts it."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite: choose one (continue the run in out_dir, or replace it)")
     found = [name for name in _RUN_OUTPUTS if (out_dir / name).exists()]
-    if not found or resume:
+    if not found:
+        return
+    if resume:
+        if (out_dir / "final").exists():
+            raise UsageError(f"--resume: the run in {out_dir} is finished ({out_dir / 'final'} written); pass "
+                             "--overwrite to train it again from step 0, or choose another --out_dir")
+        if not has_checkpoint:
+            raise UsageError(f"--resume: {out_dir} holds a run ({', '.join(found)}) but no checkpoint to resume "
+                             "from (--save_every 0 writes one only when a signal stops the run); pass --overwrite "
+                             "to start it again from step 0")
         return
     if not overwrite:
         raise UsageError(f"--out_dir {out_dir}: holds a run ({', '.join(found)}); pass --resume to continue it, "
@@ -107,6 +124,56 @@ def claim_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         elif target.exists():
             target.unlink()
     logger.warning("--overwrite: deleted %s of the earlier run in %s", ", ".join(_CLEARED_BY_OVERWRITE), out_dir)
+
+
+# What says a folder is a model, and what says it is an out_dir of train_*.py.
+_MODEL_MARKER = "config.json"
+_RUN_MARKERS = ("train_config.json", "metrics.jsonl", "checkpoints", LOCK_NAME)
+
+
+def model_source(name_or_path: str | None, flag: str = "--model_name_or_path") -> str | None:
+    """The model ``name_or_path`` names, checked before anything loads: a training run's out_dir means
+    its ``final/`` (logged), as GEM's README chains ``--out_dir outputs/sft-demo`` into
+    ``--model_name_or_path outputs/sft-demo``. A run without ``final/`` yet, or a folder that is neither
+    a model nor a run, is a :class:`UsageError` naming what it holds; the rest as
+    :func:`~gem_fast.errors.check_model_source` (None: the embedded model; a .gguf file; a Hub id)."""
+    check_model_source(name_or_path, flag)
+    if name_or_path is None or not Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    folder = Path(name_or_path).expanduser()
+    if (folder / _MODEL_MARKER).is_file():
+        return name_or_path
+    if (folder / "final" / _MODEL_MARKER).is_file():
+        logger.info("%s %s: a training run; using its trained model %s", flag, name_or_path, folder / "final")
+        return str(folder / "final")
+    held = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir())
+    listing = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "") if held else "nothing"
+    if any((folder / name).exists() for name in _RUN_MARKERS):
+        raise UsageError(f"{flag} {name_or_path}: a training run without final/ yet (it holds {listing}); "
+                         f"finish it (--resume --out_dir {name_or_path}), or name a model folder")
+    raise UsageError(f"{flag} {name_or_path}: neither a model folder (no {_MODEL_MARKER}) nor a training run "
+                     f"(no final/); it holds {listing}")
+
+
+def trained_chat_template(model: str | None) -> bool | None:
+    """The ``chat_template`` setting the run that wrote ``model`` (its ``<out_dir>/final``) trained with,
+    from its ``train_config.json``; None for any other model."""
+    if model is None or Path(model).name != "final":
+        return None
+    config = Path(model).parent / "train_config.json"
+    try:
+        return bool(json.loads(config.read_text())["chat_template"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checked_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its model resolved (:func:`model_source`) once out_dir, the training data and the
+    model are checked: :class:`UsageError` naming the flag and path before anything loads or is made.
+    Imports no torch: the scripts run it right after parsing."""
+    output_dir(cfg.run.out_dir, "--out_dir")
+    training_data(cfg.run.train_jsonl, "--train_jsonl")
+    return cfg.replace(model_name_or_path=model_source(cfg.run.model_name_or_path))
 
 
 def file_sha256(path: str | Path) -> str:

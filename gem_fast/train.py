@@ -36,19 +36,20 @@ from tqdm import tqdm
 
 from gem_fast.checkpoint import (export_dtype, export_hf, latest_checkpoint, load_checkpoint, load_hf_weights,
                                  save_checkpoint)
-from gem_fast.config import OptimConfig, TrainConfig, parse_config
+from gem_fast.config import OptimConfig, TrainConfig
 from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parallelize, process_group
-from gem_fast.errors import UsageError, check_model_source, entry_point, input_file, output_dir, user_input
+from gem_fast.errors import Interrupted, UsageError, user_input
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError
 from gem_fast.kernels import resolve_backend
 from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
-from gem_fast.objectives import make_objective, read_rows
+from gem_fast.objectives import StopRequested, make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 from gem_fast.prefix_sharing import resolve_prefix_sharing
 from gem_fast.reporting import Reporter
-from gem_fast.run_dir import claim_out_dir, file_sha256, open_metrics, run_lock, settings_changes
+from gem_fast.run_dir import (checked_paths, claim_out_dir, file_sha256, open_metrics, run_lock,
+                              settings_changes)
 
-__all__ = ["TrainResult", "DivergenceError", "NonFiniteLossError", "lr_factor", "build_policy", "train", "main"]
+__all__ = ["TrainResult", "DivergenceError", "NonFiniteLossError", "lr_factor", "build_policy", "train", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,31 +107,51 @@ def build_policy(model: nn.Module, cfg: TrainConfig, env: DistEnv, total_steps: 
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[dict[str, int]]:
+def _stop_on_signals(announce: bool) -> Iterator[dict[str, int]]:
     """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and returns at the step end
-    (one received while the model loads stops the run after its first step)."""
+    (SEGA: between micro-steps; one received while the model loads stops the run after its first step).
+    ``announce`` (rank 0) says so in one line. A second SIGINT (Ctrl-C again) raises :class:`Interrupted`
+    at once, keeping the last checkpoint; a second SIGTERM does not (torchrun sends one to every worker
+    still closing once another has exited)."""
     received: dict[str, int] = {}
+    again = Interrupted("stopped at once by a second Ctrl-C; the last checkpoint is kept (--resume continues from it)")
     def record(signum: int, _frame: Any) -> None:
+        if "signal" in received and signum == signal.SIGINT:
+            received["again"] = signum
+            raise again
+        if "signal" not in received and announce:
+            # os.write, not print: the handler may run inside a write to stderr (tqdm's), which print would re-enter.
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint; resume "
+                        "with --resume (Ctrl-C again stops at once)\n".encode())
         received.setdefault("signal", signum)
 
     previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield received
+    except Exception:
+        if "again" in received:  # raised where it was wrapped in another exception (DCP's CheckpointException)
+            raise again from None
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _checked_inputs(cfg: TrainConfig) -> tuple[list[Any], dict[str, Any]]:
-    """The objective's training rows and the run's training settings (with the data file's SHA-256), after
-    checking every path the run reads or writes; :class:`UsageError` naming the flag and path before any model loads."""
-    run = cfg.run
-    output_dir(run.out_dir, "--out_dir")
-    input_file(run.train_jsonl, "--train_jsonl")
+def _checked_inputs(cfg: TrainConfig) -> tuple[TrainConfig, list[Any], dict[str, Any]]:
+    """``cfg`` with its model resolved (:func:`~gem_fast.run_dir.checked_paths`), the objective's training
+    rows and the run's training settings (with the data file's SHA-256); :class:`UsageError` naming the
+    flag and path before any model loads or out_dir is made."""
+    cfg = checked_paths(cfg)
     with user_input():  # the loader's messages name file and line
         pairs = read_rows(cfg)
-    check_model_source(run.model_name_or_path)
-    return pairs, {**cfg.training_settings(), "train_data_sha256": file_sha256(run.train_jsonl)}
+    return cfg, pairs, {**cfg.training_settings(), "train_data_sha256": file_sha256(cfg.run.train_jsonl)}
+
+
+def _stop_agreed(local: bool, env: DistEnv) -> bool:
+    """Whether any rank was told to stop (one all-reduce when sharded): every rank takes the same branch."""
+    if not env.sharded:
+        return local
+    return all_reduce_sum(torch.tensor([float(local)], device=env.device), env).item() > 0
 
 
 def _check_resume(ckpt: Path, settings: dict[str, Any], global_batch: int, allow_change: bool) -> None:
@@ -163,11 +184,13 @@ def _restore_schedule(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr
     schedule.step()  # sets every group's lr for the step at last_epoch from the new base lr
 
 
-def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device
-                      ) -> torch.Tensor:
-    """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync)."""
+def _forward_backward(policy: PolicyLoss, micro_batches: list[MicroBatch], autocast: Any, device: torch.device,
+                      progress: bool) -> torch.Tensor:
+    """Loss of every micro-batch, backward on each; returns the step's summed loss (0-dim, no sync).
+    ``progress``: a bar over the micro-batches on a terminal once the step has lasted 5 s."""
     loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
+    for mb in tqdm(micro_batches, desc="forward/backward", unit="micro-step", delay=5, leave=False,
+                   disable=None if progress else True):  # None: on a terminal only, not in a log file
         with autocast:
             loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask,
                           mb.token_weights, mb.reference) * mb.loss_scale
@@ -200,15 +223,16 @@ def train(
     :class:`DivergenceError` (:class:`NonFiniteLossError` on a NaN/inf loss or gradient norm) from
     the divergence guard before the optimizer step, without writing a checkpoint.
     """
+    cfg, pairs, settings = _checked_inputs(cfg)
     run = cfg.run
-    pairs, settings = _checked_inputs(cfg)
     out_dir, ckpt_root = Path(run.out_dir), Path(run.out_dir) / "checkpoints"
     # Signals are recorded from here until the lock is released and the process group is gone: a
     # SIGTERM torchrun sends to a worker still closing (after another exited 143) does not kill it.
-    with (_stop_on_signals() as received, process_group() as env,
+    with (_stop_on_signals(announce=os.environ.get("RANK", "0") == "0") as received, process_group() as env,
           run_lock(out_dir) if env.rank == 0 else contextlib.nullcontext()):
         if env.rank == 0:
-            claim_out_dir(out_dir, resume=run.resume, overwrite=run.overwrite)
+            claim_out_dir(out_dir, resume=run.resume, overwrite=run.overwrite,
+                          has_checkpoint=latest_checkpoint(ckpt_root) is not None)
         global_batch = run.batch_size * run.grad_accum * env.world
         steps_per_epoch = len(pairs) // global_batch
         if steps_per_epoch == 0:
@@ -221,12 +245,13 @@ def train(
         if last_ckpt is not None:
             _check_resume(last_ckpt, settings, global_batch, run.allow_config_change)
         elif run.resume:
-            logger.info("resume: no checkpoint under %s, starting at step 0", ckpt_root)
+            logger.info("resume: %s holds no run yet, starting at step 0", out_dir)
         # A missing TensorBoard/W&B package stops the run here, before the model loads; rank 0 logs to it.
         reporter = Reporter(run.report_to, out_dir, cfg.to_flat())
         model, tokenizer, weights = load_for_training(run.model_name_or_path, init=cfg.parallel.init,
                                                       sharded=env.sharded, trust_remote_code=run.trust_remote_code)
         objective = make_objective(cfg, env, pairs, tokenizer)
+        objective.stop_requested = lambda: _stop_agreed(bool(received), env)
         policy, optimizer, schedule = build_policy(model.train(), cfg, env, total_steps, objective.pair_loss, weights)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and not env.sharded
                     else contextlib.nullcontext())
@@ -247,10 +272,22 @@ def train(
         bar = tqdm(total=total_steps, initial=start, desc=run.objective, disable=env.rank != 0 or not run.progress)
         losses: list[float] = []
         stopped = None
+
+        def checkpoint(done: int) -> Path:
+            trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
+                             "scheduler": schedule.state_dict(), "guard": guard.state_dict(),
+                             "training_settings": settings}
+            return save_checkpoint(ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints)
+
         for step in range(start, total_steps):
             t0 = time.perf_counter()
-            micro_batches, stats = objective.step_batches(policy, step)
-            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device)
+            try:
+                micro_batches, stats = objective.step_batches(policy, step)
+            except StopRequested:  # between micro-steps: this step is dropped, the state after the last one kept
+                last_ckpt = checkpoint(step)
+                stopped = received.get("signal", signal.SIGTERM)
+                break
+            loss_sum = _forward_backward(policy, micro_batches, autocast, env.device, objective.progress)
             grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
             values, stop = _step_record(loss_sum, bool(received), stats, grad_norm, env)
             record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": values.pop("loss"),
@@ -267,16 +304,12 @@ def train(
                 metrics.flush()
                 reporter.log(record)
                 bar.update(1)
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in record.items()))
+                if run.progress:
+                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in record.items()))
             done = step + 1
             if stop or (run.save_every and done % run.save_every == 0):
-                trainer_state = {"step": done, "samples_seen": done * global_batch, "global_batch": global_batch,
-                                 "scheduler": schedule.state_dict(), "guard": guard.state_dict(),
-                                 "training_settings": settings}
-                last_ckpt = save_checkpoint(
-                    ckpt_root, done, policy, optimizer, trainer_state, keep_last=run.keep_checkpoints
-                )
+                last_ckpt = checkpoint(done)
             if on_step is not None:
                 on_step(done, record, policy)
             if stop:
@@ -291,14 +324,10 @@ def train(
         return TrainResult(start + len(losses), losses, last_ckpt, stopped)
 
 
-@entry_point
-def main(argv: list[str] | None, *, objective: str, description: str) -> int:
-    """Entry point of ``scripts/train_*.py``: logging, config, run; exit code 128 + signal if stopped early,
-    2 with one line for a user error (:mod:`gem_fast.errors`), 1 with one line for a diverged run."""
-    # Under torchrun only rank 0 narrates; the others report warnings and errors.
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(parse_config(argv, objective=objective, description=description))
+def run(cfg: TrainConfig) -> int:
+    """:func:`train`, and the exit code: 0, or 128 + the signal that stopped the run early (its checkpoint
+    written). The scripts call it through :func:`gem_fast.cli.main`, which parses and logs."""
+    result = train(cfg)
     if result.stopped_by_signal is None:
         return 0
     # Checkpointed and leaving: torchrun sends SIGTERM to the workers still alive once one has exited, and

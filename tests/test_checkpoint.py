@@ -86,8 +86,10 @@ def test_nan_loss_stops_with_last_checkpoint_intact(inputs, tmp_path):
 def test_bad_data_stops_before_training_with_file_and_line(tmp_path, line, error):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + line + "\n")
-    # The model path does not exist: the data check must fail before anything loads.
-    cfg = run_config(tmp_path / "no_model", data, tmp_path / "out")
+    # A model folder that cannot load (an empty config.json): the data check must fail before anything loads.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cfg = run_config(tmp_path / "model", data, tmp_path / "out")
     with pytest.raises(ValueError, match=f"bad.jsonl:2: {error}"):
         train(cfg)
     assert not (tmp_path / "out").exists()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +112,69 @@ def test_sega_round_trip_keeps_its_reward_temperature():
     """to_flat holds the pair section's beta beside reward_temperature; beta must not overwrite it."""
     cfg = TrainConfig.from_flat({"objective": "sega", "reward_temperature": 0.5})
     assert cfg.replace(k=3).sega.reward_temperature == 0.5
+
+
+def _usage_error(capsys, argv: list[str], parse=None) -> str:
+    """The one stderr line a usage error prints (exit 2, no usage block)."""
+    with pytest.raises(SystemExit) as exit_info:
+        (parse or (lambda a: parse_config(a, objective="sega", description="t")))(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "usage:" not in err, err
+    return err
+
+
+def test_an_unknown_flag_names_the_closest_one_and_prefixes_are_not_flags(capsys):
+    assert "unknown flag --lamda_fork (did you mean --lambda_fork?)" in _usage_error(capsys, ["--lamda_fork", "0.4"])
+    assert "unknown flag --gen_max_new_token (did you mean --gen_max_new_tokens?)" in _usage_error(
+        capsys, ["--gen_max_new_token=3"])
+    assert "unknown flag --zzz" in _usage_error(capsys, ["--zzz"])
+    assert "expected true or false, got 'maybe'" in _usage_error(capsys, ["--resume", "maybe"])
+
+
+def test_a_yaml_value_of_the_wrong_type_names_file_and_line(tmp_path, capsys):
+    config = tmp_path / "typed.yaml"
+    for text, expected in [("lr: 1e-5\nk: four\n", ":2: k must be an integer, got 'four'"),
+                           ("sampling:\n  top_p: 0.9\n  k: 2.5\n", ":3: k must be an integer, got 2.5"),
+                           ("chat_template: maybe\n", ":1: chat_template must be true or false, got 'maybe'"),
+                           ("lr: [1]\n", ":1: lr must be a number, got [1]"),
+                           ("out_dir: [a, b]\n", ":1: out_dir must be a single value")]:
+        config.write_text(text)
+        assert f"{config}{expected}" in _usage_error(capsys, ["--config", str(config)])
+    config.write_text("lr: 1e-5\nchat_template: yes\nk: '3'\n")  # YAML 1.1 strings taken as meant
+    cfg = parse_config(["--config", str(config)], objective="sega", description="t")
+    assert (cfg.optim.lr, cfg.run.chat_template, cfg.sampling.k) == (1e-5, True, 3)
+
+
+@pytest.mark.parametrize("argv, expected", [(["--top_m", "5"], "--top_m 5.0: must be <= 1"),
+                                            (["--top_m", "0"], "--top_m 0.0: must be > 0"),
+                                            (["--final_fraction", "1.5"], "--final_fraction 1.5: must be <= 1"),
+                                            (["--log_samples_every", "-1"], "--log_samples_every -1: must be >= 0")])
+def test_bounds_are_the_ones_the_help_states(argv, expected):
+    with pytest.raises(UsageError, match=expected):
+        parse_config(argv, objective="sega", description="t")
+
+
+def test_booleans_are_spelled_the_same_in_every_script():
+    from gem_fast.cli import eval_pref_accuracy, gates
+
+    parsers = {"train": lambda a: parse_config(a, objective="sft", description="t").run.chat_template,
+               "eval": lambda a: eval_pref_accuracy.parse_args(["--eval_jsonl", "x", *a]).chat_template,
+               "gates": lambda a: gates.parse_args(["--train_jsonl", "x", *a]).chat_template}
+    for name, chat_template in parsers.items():
+        assert [chat_template(a) for a in (["--chat_template"], ["--chat_template", "true"],
+                                           ["--chat_template", "no"], ["--chat_template=off"])] == [
+            True, True, False, False], name
+
+
+def test_the_scripts_parse_their_arguments_without_importing_torch():
+    # A fresh interpreter: this one has torch loaded already.
+    probe = ("import sys; from gem_fast import cli; from gem_fast.cli import eval_pref_accuracy, gates, plan_memory; "
+             "plan_memory.build_parser().parse_args(['--world_size', '8']); "
+             "from gem_fast.config import parse_config; "
+             "parse_config(['--k', '3', '--lr', '1e-5'], objective='sega', description='t'); "
+             "eval_pref_accuracy.parse_args(['--eval_jsonl', 'x']); gates.parse_args(['--train_jsonl', 'x']); "
+             "print(sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stderr

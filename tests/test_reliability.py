@@ -7,11 +7,13 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import huggingface_hub.constants
 import pytest
@@ -19,13 +21,16 @@ import torch
 from tiny_lm import run_config, write_run_inputs
 
 import gem_fast.train as train_module
+from gem_fast import cli
 from gem_fast.cli import eval_pref_accuracy, plan_kernel, plan_memory, prepare_data
 from gem_fast import models
 from gem_fast.config import GuardConfig
 from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, adamw_update_ratio
-from gem_fast.run_dir import LOCK_NAME, claim_out_dir, open_metrics, run_lock
+from gem_fast.policy import PolicyLoss
+from gem_fast.run_dir import (LOCK_NAME, claim_out_dir, model_source, open_metrics, run_lock,
+                              trained_chat_template)
 from gem_fast.train import lr_factor, train
 
 CPU_ONE = DistEnv.single("cpu")
@@ -49,11 +54,11 @@ def _one_line_error(capsys, code: int, call) -> str:
 
 
 def _train_sft(argv: list[str]) -> int:
-    return train_module.main(argv, objective="sft", description="t")
+    return cli.main(argv, objective="sft", description="t")
 
 
 def _train_sega(argv: list[str]) -> int:
-    return train_module.main(argv, objective="sega", description="t")
+    return cli.main(argv, objective="sega", description="t")
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -70,6 +75,13 @@ def _train_sega(argv: list[str]) -> int:
     ("max_steps_negative", "--max_steps -1: must be >= 0"),
     ("sega_k_1", "--k 1: must be >= 2"),
     ("out_dir_is_file", "--out_dir {tmp}/a_file: is a file, expected a folder"),
+    ("model_is_a_folder_of_other_things", "--model_name_or_path {tmp}: neither a model folder (no config.json)"),
+    ("no_data_given", "--train_jsonl: not given; a JSON Lines file of training rows is needed (the repository "
+                      "ships data/arith/test.jsonl"),
+    ("gem_readme_data", "--train_jsonl data/nothing/pairs.jsonl: no such file (the repository ships"),
+    ("batch_larger_than_the_data", "16 pairs, fewer than one global batch of 32"),
+    ("top_m_above_1", "--top_m 5.0: must be <= 1"),
+    ("yaml_wrong_type", "{tmp}/typed.yaml:2: k must be an integer, got 'four'"),
 ])
 def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
         inputs, tmp_path, capsys, monkeypatch, case, expected):
@@ -78,6 +90,7 @@ def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
     (tmp_path / "latin1.jsonl").write_bytes(data.read_bytes().splitlines(keepends=True)[0]
                                             + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "typed.yaml").write_text("lr: 1e-5\nk: four\n")
     # Every case also fails to load a model, so an error raised after loading would show as a different message.
     monkeypatch.setattr(train_module, "load_for_training", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", case == "offline_hub_id")
@@ -96,8 +109,14 @@ def test_training_user_errors_are_one_line_with_status_2_before_the_model_loads(
         "max_steps_negative": ["--max_steps", "-1"],
         "sega_k_1": ["--k", "1"],
         "out_dir_is_file": ["--out_dir", str(tmp_path / "a_file")],
+        "model_is_a_folder_of_other_things": ["--model_name_or_path", str(tmp_path)],
+        "no_data_given": ["--train_jsonl", ""],
+        "gem_readme_data": ["--train_jsonl", "data/nothing/pairs.jsonl"],
+        "batch_larger_than_the_data": ["--batch_size", "32"],
+        "top_m_above_1": ["--top_m", "5"],
+        "yaml_wrong_type": ["--config", str(tmp_path / "typed.yaml")],
     }[case]
-    entry = _train_sega if case == "sega_k_1" else _train_sft
+    entry = _train_sega if case in ("sega_k_1", "top_m_above_1", "yaml_wrong_type") else _train_sft
     err = _one_line_error(capsys, 2, lambda: entry(base + argv))
     assert expected.format(tmp=tmp_path) in err
     assert not (tmp_path / "out").exists()
@@ -116,13 +135,61 @@ def test_a_finished_run_is_refused_then_resumed_or_overwritten(tmp_path):
         out = tmp_path / output.replace("/", "_")
         (out / output).parent.mkdir(parents=True)
         (out / output).write_text("{}")
+        has_checkpoint = output.startswith("checkpoints/")
         with pytest.raises(UsageError, match="holds a run .*pass --resume to continue it, --overwrite to replace it"):
-            claim_out_dir(out, resume=False, overwrite=False)
-        claim_out_dir(out, resume=True, overwrite=False)
-        claim_out_dir(out, resume=False, overwrite=True)
+            claim_out_dir(out, resume=False, overwrite=False, has_checkpoint=has_checkpoint)
+        if has_checkpoint:
+            claim_out_dir(out, resume=True, overwrite=False, has_checkpoint=True)
+        else:  # finished (final/), or nothing to resume from: never step 0 over the run's own outputs
+            with pytest.raises(UsageError, match="is finished|no checkpoint to resume from"):
+                claim_out_dir(out, resume=True, overwrite=False, has_checkpoint=False)
+        claim_out_dir(out, resume=False, overwrite=True, has_checkpoint=has_checkpoint)
         assert not any((out / n).exists() for n in ("metrics.jsonl", "final", "checkpoints"))
+    claim_out_dir(tmp_path / "fresh", resume=True, overwrite=False, has_checkpoint=False)  # nothing there yet
     with pytest.raises(UsageError, match="choose one"):
-        claim_out_dir(tmp_path, resume=True, overwrite=True)
+        claim_out_dir(tmp_path, resume=True, overwrite=True, has_checkpoint=False)
+
+
+def test_resume_of_a_finished_run_is_refused_and_keeps_its_final_model(inputs, tmp_path):
+    model_dir, data = inputs
+    kw = dict(batch_size=2, max_steps=2)  # save_every 0: no checkpoint, final/ at the end
+    train(run_config(model_dir, data, tmp_path, **kw))
+    weights = tmp_path / "final" / "model.safetensors"
+    before = weights.read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(UsageError, match=f"--resume: the run in {tmp_path} is finished .*pass --overwrite"):
+        train(run_config(model_dir, data, tmp_path, **kw, resume=True))
+    shutil.rmtree(tmp_path / "final")  # as if it had crashed before the export: still nothing to resume from
+    with pytest.raises(UsageError, match="no checkpoint to resume from .*--overwrite"):
+        train(run_config(model_dir, data, tmp_path, **kw, resume=True))
+    assert (tmp_path / "metrics.jsonl").read_text() == before[1]
+    assert train(run_config(model_dir, data, tmp_path, **kw, overwrite=True)).steps_done == 2
+    assert weights.is_file()
+
+
+def test_a_run_folder_as_model_means_its_final_and_any_other_folder_is_named(tmp_path, caplog):
+    run = tmp_path / "sft-demo"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=f"--model_name_or_path {run}: a training run without final/ yet "
+                                         r"\(it holds checkpoints/, train_config.json\); finish it"):
+        model_source(str(run))
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="gem_fast.run_dir"):
+        assert model_source(str(run)) == str(run / "final")
+    assert "a training run; using its trained model" in caplog.text
+    assert model_source(str(run / "final")) == str(run / "final")
+    assert model_source(None) is None
+    assert trained_chat_template(str(run / "final")) is None  # no chat_template recorded: the default applies
+    (run / "train_config.json").write_text('{"chat_template": true}')
+    assert trained_chat_template(model_source(str(run))) is True  # eval follows how the run trained
+    assert trained_chat_template(str(tmp_path)) is None
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("")
+    with pytest.raises(UsageError, match=r"neither a model folder \(no config.json\) nor a training run \(no "
+                                         r"final/\); it holds a.txt"):
+        model_source(str(other), "--ref_model_name_or_path")
 
 
 def test_out_dir_lock_stops_a_second_run_and_a_stale_lock_is_taken_over(tmp_path, caplog):
@@ -237,7 +304,7 @@ def test_sigterm_checkpoints_and_exits_143_without_a_traceback(inputs, tmp_path,
 
 def test_eval_and_prepare_refuse_to_overwrite_and_check_outputs_first(inputs, tmp_path, capsys, monkeypatch):
     model_dir, data = inputs
-    monkeypatch.setattr(eval_pref_accuracy, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     assert eval_pref_accuracy.default_output(str(model_dir), data) == model_dir / "pref_accuracy-pairs.json"
     assert eval_pref_accuracy.default_output(None, data) == Path("outputs/pref_accuracy/embedded-smollm2-pairs.json")
     report = model_dir / "pref_accuracy-pairs.json"
@@ -314,3 +381,84 @@ def test_a_hub_id_the_hub_cannot_provide_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match=r"^model someorg/somemodel: not a local folder, and the Hugging Face Hub "
                                          r"did not provide it \(We couldn't connect .* to load the files.\);"):
         models.load_tokenizer("someorg/somemodel")
+
+
+def test_a_signal_stops_sega_between_micro_steps_and_the_resumed_run_matches(inputs, tmp_path, monkeypatch):
+    model_dir, data = inputs
+    kw = dict(objective="sega", k=2, gen_max_new_tokens=4, batch_size=1, grad_accum=3, max_steps=3, export_hf=False)
+    full = train(run_config(model_dir, data, tmp_path / "full", **kw))
+    samples = []
+    sample = PolicyLoss.sample
+    monkeypatch.setattr(PolicyLoss, "sample", lambda self, *a, **k: samples.append(1) or sample(self, *a, **k))
+
+    def sigint_after_step_1(done: int, record: dict, policy: torch.nn.Module) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C; step 2 then samples its first micro-step only
+
+    stopped = train(run_config(model_dir, data, tmp_path / "run", **kw), on_step=sigint_after_step_1)
+    assert (stopped.stopped_by_signal, stopped.steps_done, len(samples)) == (signal.SIGINT, 1, 3 + 1)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
+    resumed = train(run_config(model_dir, data, tmp_path / "run", **kw, resume=True))
+    assert resumed.losses == pytest.approx(full.losses[1:], rel=1e-6)
+
+
+def test_progress_false_prints_no_step_lines_and_true_one_per_step(inputs, tmp_path, capsys):
+    model_dir, data = inputs
+    train(run_config(model_dir, data, tmp_path / "quiet", export_hf=False, progress=False))
+    quiet = capsys.readouterr()
+    assert "grad_norm" not in quiet.out + quiet.err
+    train(run_config(model_dir, data, tmp_path / "shown", export_hf=False, progress=True))
+    assert capsys.readouterr().out.count("grad_norm") == 3
+
+
+def _start_training(tmp_path: Path, inputs, script: str, out: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
+    """``scripts/<script>`` on the tiny model for far more steps than the test waits for; its stderr file."""
+    model_dir, data = inputs
+    root = Path(__file__).resolve().parents[1]
+    err = tmp_path / f"{out.name}-stderr.txt"
+    argv = [sys.executable, str(root / "scripts" / script), "--model_name_or_path", str(model_dir),
+            "--train_jsonl", str(data), "--out_dir", str(out), "--epochs", "1000", "--progress", "false", *flags]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err.open("w"), env=env), err
+
+
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
+    for _ in range(1200):
+        if ready():
+            return
+        assert proc.poll() is None, f"the run ended before {what}"
+        subprocess.run(["sleep", "0.1"])
+    proc.kill()
+    pytest.fail(f"never saw {what}")
+
+
+ANNOUNCED = "SIGINT: stopping after this step with a checkpoint; resume with --resume (Ctrl-C again stops at once)"
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_acknowledged_checkpoints_the_step_and_a_second_one_stops_at_once(inputs, tmp_path):
+    out = tmp_path / "sft"
+    proc, err = _start_training(tmp_path, inputs, "train_sft.py", out, "--save_every", "4")
+    metrics = out / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 1, "step 2")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    text = err.read_text()
+    assert text.count(ANNOUNCED) == 1 and "Traceback" not in text, text
+    steps = len(metrics.read_text().splitlines())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step_{steps:08d}"  # nothing lost
+    assert not (out / LOCK_NAME).exists()
+
+    # A SEGA step on the CPU samples for seconds: the second Ctrl-C lands inside it and does not wait for it.
+    out = tmp_path / "sega"
+    proc, err = _start_training(tmp_path, inputs, "train_sega.py", out, "--k", "2", "--gen_max_new_tokens", "256")
+    _wait_for(proc, lambda: "global batch" in err.read_text(), "the first step")
+    proc.send_signal(signal.SIGINT)
+    _wait_for(proc, lambda: ANNOUNCED in err.read_text(), "the announcement")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    text = err.read_text()
+    assert text.strip().splitlines()[-1] == ("train_sega.py: error: stopped at once by a second Ctrl-C; the last "
+                                            "checkpoint is kept (--resume continues from it)"), text
+    assert "Traceback" not in text and not (out / "metrics.jsonl").read_text()  # stopped inside step 1
+    assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists()

@@ -21,7 +21,8 @@ from gem_fast.distributed import DistEnv, free_port, parallelize
 from gem_fast.objectives import SFT
 from gem_fast.objectives.pairs import reference_logprobs
 from gem_fast.policy import PolicyLoss
-from gem_fast.train import lr_factor, main, train
+from gem_fast.cli import main
+from gem_fast.train import lr_factor, train
 
 CPU_ONE = DistEnv.single("cpu")
 

@@ -18,25 +18,21 @@ import json
 import sys
 import typing
 
-import torch
-
+# Light modules only: --help and usage errors come before torch and transformers load (in main).
+from gem_fast.choices import BACKENDS, DTYPES
 from gem_fast.config import SamplingConfig, SegaConfig
-from gem_fast.data import load_preference_jsonl
-from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, input_file, number,
-                             user_input, writable_file)
-from gem_fast.gates import candidate_gates
-from gem_fast.cli.eval_pref_accuracy import DTYPES
-from gem_fast.kernels import BACKENDS
-from gem_fast.models import load_model_and_tokenizer
+from gem_fast.errors import (BOOL_ARG, ArgumentParser, UsageError, add_debug_flag, entry_point, number,
+                             training_data, user_input, writable_file)
+from gem_fast.run_dir import model_source
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_name_or_path", default=None, help="HF folder, .gguf file or Hub id (default: embedded "
                                                               "SmolLM2)")
     p.add_argument("--train_jsonl", required=True, help='JSONL of {"prompt", "chosen", "rejected", "answer"}')
     p.add_argument("--limit", type=number(int, at_least=1), default=None, help="the first N rows only")
-    p.add_argument("--chat_template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--chat_template", **BOOL_ARG, default=False, help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--max_length", type=number(int, at_least=2), default=512, help="tokens per prompt+response row")
     p.add_argument("--k", type=number(int, at_least=2), default=SamplingConfig.k, help="candidates per prompt")
     p.add_argument("--gen_max_new_tokens", type=number(int, at_least=1), default=SamplingConfig.gen_max_new_tokens,
@@ -50,10 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help="as train_sega.py's")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--kernel_backend", default="auto", choices=BACKENDS)
     p.add_argument("--output_json", default=None, help="where the gates go as JSON (default: not written)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_json")
+    p.add_argument("--overwrite", **BOOL_ARG, default=False, help="replace an existing --output_json")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -61,17 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_model_source(args.model_name_or_path, "--model_name_or_path")
-    with user_input():
-        pairs = load_preference_jsonl(input_file(args.train_jsonl, "--train_jsonl"), limit=args.limit)
-    if not pairs:
-        raise UsageError(f"--train_jsonl {args.train_jsonl}: no rows")
-    out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=DTYPES[args.dtype], device=args.device)
+    # The sections check their bounds (--top_m 5: one line) before anything loads.
     sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p)
     sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
                       final_fraction=args.final_fraction)
+    args.model_name_or_path = model_source(args.model_name_or_path)
+    train_jsonl = training_data(args.train_jsonl, "--train_jsonl")
+    # torch and transformers only now that the arguments are known to be good
+    import torch
+
+    from gem_fast.data import load_preference_jsonl
+    from gem_fast.gates import candidate_gates
+    from gem_fast.models import load_model_and_tokenizer
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with user_input():
+        pairs = load_preference_jsonl(train_jsonl, limit=args.limit)
+    if not pairs:
+        raise UsageError(f"--train_jsonl {args.train_jsonl}: no rows")
+    out = args.output_json and writable_file(args.output_json, "--output_json", overwrite=args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=getattr(torch, args.dtype),
+                                                device=args.device)
     with torch.no_grad():
         gates = candidate_gates(model.eval(), tokenizer, pairs, sampling, sega,
                                 chat_template=args.chat_template, max_length=args.max_length, seed=args.seed,

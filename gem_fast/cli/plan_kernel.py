@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gem_fast.errors import add_debug_flag, entry_point, number
+from gem_fast.errors import ArgumentParser, add_debug_flag, entry_point, number
 from gem_fast.kernels.chunked import DW_ACCUMULATIONS
 from gem_fast.kernels.plan import OPS, KernelPlan, plan_kernel
 
@@ -24,8 +24,8 @@ MIB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=number(int, above=0), default=32768)
     parser.add_argument("--hidden", type=number(int, above=0), default=4096)
     parser.add_argument("--vocab", type=number(int, above=0), default=128256)

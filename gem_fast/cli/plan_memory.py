@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 from gem_fast.config import TrainConfig, parse_bool, read_yaml
-from gem_fast.errors import UsageError, add_debug_flag, entry_point, number
-from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
+from gem_fast.errors import ArgumentParser, UsageError, add_debug_flag, entry_point, number
 from gem_fast.shapes import PRESETS, model_shape
 
 NOT_MODELLED = (
@@ -36,8 +35,8 @@ NOT_MODELLED = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=NOT_MODELLED)
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=NOT_MODELLED)
     parser.add_argument("--model", default="llama3-8b",
                         help=f"a preset {sorted(PRESETS)} or an HF config.json (file or folder)")
     parser.add_argument("--config", type=Path, help="training YAML: batch_size, max_length, k, gen_max_new_tokens, "
@@ -72,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch only now that the arguments are known to be good
+    from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
+
     config: dict = {}
     if args.config is not None:
         config = read_yaml(args.config)  # UsageError naming the file (and line)

@@ -22,12 +22,12 @@ from gem_fast.adapters import (
     split_pairs,
     write_pairs_jsonl,
 )
-from gem_fast.errors import (UsageError, add_debug_flag, check_model_source, entry_point, output_dir, user_input,
-                             writable_file)
+from gem_fast.errors import (BOOL_ARG, ArgumentParser, UsageError, add_debug_flag, check_model_source, entry_point,
+                             output_dir, user_input, writable_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help=".jsonl/.json/.parquet file or a save_to_disk folder")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="row layout (auto: detect)")
     p.add_argument("--out_dir", required=True, help="where train.jsonl and test.jsonl go")
@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer folder or Hub id whose chat template renders the prompts"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing train.jsonl / test.jsonl in --out_dir")
+    p.add_argument("--overwrite", **BOOL_ARG, default=False,
+                   help="replace existing train.jsonl / test.jsonl in --out_dir")
     add_debug_flag(p)
     return p.parse_args(argv)
 

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from gem_fast.choices import BACKENDS  # a light module: the CLI parsers read it before torch loads
+
 from . import naive
 from .logit_map import LogitMap
 from .chunked import (
@@ -51,7 +53,6 @@ __all__ = [
     "weighted_logprob_loss",
 ]
 
-BACKENDS = ("auto", "naive", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 _auto_logged: set[str] = set()

@@ -10,12 +10,12 @@ from typing import Any
 
 from gem_fast.config import TrainConfig
 from gem_fast.distributed import DistEnv
-from gem_fast.objectives.base import Objective, step_rows
+from gem_fast.objectives.base import Objective, StopRequested, step_rows
 from gem_fast.objectives.pairs import PairObjective
 from gem_fast.objectives.sega import SEGA
 from gem_fast.objectives.sft import SFT
 
-__all__ = ["Objective", "SFT", "SEGA", "PairObjective", "make_objective", "read_rows", "step_rows"]
+__all__ = ["Objective", "StopRequested", "SFT", "SEGA", "PairObjective", "make_objective", "read_rows", "step_rows"]
 
 _BY_NAME: dict[str, type[Objective]] = {"sft": SFT, "sega": SEGA, "dpo": PairObjective, "ipo": PairObjective}
 

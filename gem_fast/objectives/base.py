@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from gem_fast.config import RunConfig, TrainConfig
 from gem_fast.data import PreferencePair, load_preference_jsonl
 from gem_fast.distributed import DistEnv
 from gem_fast.policy import PairLoss, PolicyLoss, StepBatches
 
-__all__ = ["Objective", "step_rows"]
+__all__ = ["Objective", "StopRequested", "step_rows"]
 
 
 def step_rows(step: int, micro: int, n_rows: int, run: RunConfig, env: DistEnv) -> list[int]:
@@ -27,14 +28,40 @@ def step_rows(step: int, micro: int, n_rows: int, run: RunConfig, env: DistEnv) 
     return order[start : start + run.batch_size].tolist()
 
 
+class StopRequested(Exception):
+    """Raised by :meth:`Objective.step_batches` between micro-steps once :attr:`Objective.stop_requested`
+    says so: nothing of the step was applied, and the loop checkpoints the state before it."""
+
+
 class Objective(abc.ABC):
     """A training objective over the run's preference pairs: each optimizer step's micro-batches, and
     (DPO/IPO) the loss :class:`~gem_fast.policy.PolicyLoss` applies to pairs; the loop knows no more."""
 
     pair_loss: PairLoss | None = None  # given to PolicyLoss; None: weighted token log-likelihood
+    # Set by the loop: whether the run was told to stop (the same answer on every rank). An objective
+    # whose micro-steps take long (SEGA samples in each) asks between them and raises StopRequested.
+    stop_requested: Callable[[], bool] = staticmethod(lambda: False)
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, pairs: list[PreferencePair], tokenizer: Any) -> None:
         self.cfg, self.env, self.pairs, self.tokenizer = cfg, env, pairs, tokenizer
+
+    @property
+    def progress(self) -> bool:
+        """Whether this rank shows progress bars (rank 0 with ``--progress``)."""
+        return self.env.rank == 0 and self.cfg.run.progress
+
+    def micro_steps(self, step: int, doing: str) -> Iterator[int]:
+        """The micro-step indices of optimizer step ``step``; between two, :class:`StopRequested` once
+        :attr:`stop_requested` says so. With :attr:`progress`, a bar ``doing`` over them on a terminal
+        once the step has lasted 5 s (a SEGA step on the CPU takes minutes)."""
+        grad_accum = self.cfg.run.grad_accum
+        with tqdm(total=grad_accum, desc=f"step {step + 1}: {doing}", unit="micro-step", delay=5, leave=False,
+                  disable=None if self.progress else True) as bar:  # None: on a terminal only
+            for micro in range(grad_accum):
+                if micro > 0 and self.stop_requested():
+                    raise StopRequested
+                yield micro
+                bar.update(1)
 
     @staticmethod
     def read_rows(path: str) -> list[PreferencePair]:

@@ -59,14 +59,15 @@ class SEGA(Objective):
         micro_batches, stats, samples = [], [], []
         log_samples = env.rank == 0 and self.samples is not None and (step + 1) % self.cfg.sega.log_samples_every == 0
         policy.eval()
-        for micro in range(run.grad_accum):
+        for micro in self.micro_steps(step, "sampling, scoring"):  # a signal stops it between micro-steps
             prompts = self.micro_pairs(step, micro)
             prompt_ids, prompt_mask = (t.to(env.device) for t in encode_prompts(
                 self.tokenizer, prompts, max_length=run.max_length, chat_template=run.chat_template))
             out = policy.sample(
                 prompt_ids, prompt_mask, k=sampling.k, max_new_tokens=sampling.gen_max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id, generator=generator, progress=False,
+                pad_token_id=self.tokenizer.pad_token_id, generator=generator,
+                progress=None if self.progress else False,  # its bar over tokens: on a terminal only
             )
             scores, ratings = self.rate(out, len(prompts))
             adv = sega_advantages(ratings, mapping=self.cfg.sega.reward_mapping,
