@@ -184,6 +184,23 @@ class SegaConfig(_Bounded):
                         choices=RATING_METHODS)
     log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends its prompts, candidates, "
                                       "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)")
+    anchor_weight: float = _opt(0.0, "human-anchored groups: a preference row's group is its k candidates plus the "
+                                     "human chosen and rejected responses, and the ranking counts the human "
+                                     "preference as this many extra wins of chosen over rejected (needs ranking "
+                                     "bradley_terry or trueskill; 0: off, the human responses go unused)",
+                                at_least=0)
+    trim: int = _opt(0, "the N lowest-ranked members of each group get advantage 0 and the mapping and mean run over "
+                        "the rest (the GEM README's trimming of low-scoring outliers); at most k-1", at_least=0)
+    filtered_dpo: bool = _opt(False, "Cognitive Filtering + DPO (the paper's ablation row) instead of Eq. 2: before "
+                                     "training the initial model samples and ranks each prompt's group once, and DPO "
+                                     "trains on its top- and bottom-ranked member (after trim) as (chosen, rejected)")
+    dpo_beta: float = _opt(0.1, "filtered_dpo: β of DPO's implicit reward β·log(π/π_ref)", above=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.anchor_weight > 0 and self.ranking == "score":
+            raise UsageError(f"--anchor_weight {self.anchor_weight} needs --ranking bradley_terry or trueskill: the "
+                             "human win is a comparison, and Eq. 1 scores alone take none")
 
 
 @dataclass(frozen=True)
@@ -219,6 +236,13 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sega: SegaConfig = field(default_factory=SegaConfig)
     pair: PairConfig = field(default_factory=PairConfig)
+
+    def __post_init__(self) -> None:
+        # Filtered DPO needs two members left after trimming; Eq. 2 one (the smallest group has k).
+        most = self.sampling.k - (2 if self.sega.filtered_dpo else 1)
+        if self.run.objective == "sega" and self.sega.trim > most:
+            raise UsageError(f"--trim {self.sega.trim}: at most k - {self.sampling.k - most} = {most} with --k "
+                             f"{self.sampling.k}{' and --filtered_dpo' if self.sega.filtered_dpo else ''}")
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
