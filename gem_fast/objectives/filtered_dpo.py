@@ -27,7 +27,7 @@ from gem_fast.objectives.sega import SEGA, Row, row_prompt
 from gem_fast.policy import PolicyLoss
 from gem_fast.ranking import top_bottom_pairs
 
-__all__ = ["FilteredDPO", "filtered_pairs"]
+__all__ = ["FilteredDPO", "filtered_pairs", "top_bottom_members"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def filtered_pairs(filter_: SEGA, policy: PolicyLoss, rows: list[Row]) -> list[P
     """One (top, bottom) pair per row, in row order, from groups sampled and ranked by ``filter_`` (its
     config's sampling, Eq. 1, ranking, anchoring and trim) with ``policy``'s current weights; every rank
     computes all of them (the same seed, so the same pairs, and the same FSDP forwards)."""
-    run, trim = filter_.cfg.run, filter_.cfg.sega.trim
+    run = filter_.cfg.run
     generator = filter_.generator(0)
     pad = filter_.tokenizer.pad_token_id if filter_.tokenizer.pad_token_id is not None else filter_.tokenizer.eos_token_id
     pairs = []
@@ -47,13 +47,22 @@ def filtered_pairs(filter_: SEGA, policy: PolicyLoss, rows: list[Row]) -> list[P
         _, ratings = filter_.rate_groups(groups)
         texts = filter_.tokenizer.batch_decode(groups.sequences.masked_fill(~groups.mask, pad).tolist(),
                                                skip_special_tokens=True)
-        first = 0
-        for row, size in zip(chunk, groups.sizes.tolist()):
-            best, worst = (first + int(i) for i in top_bottom_pairs(ratings[first : first + size], 1, trim=trim)[0])
-            pairs.append(PreferencePair(row_prompt(row), texts[best], texts[worst]))
-            first += size
+        pairs += [PreferencePair(row_prompt(row), texts[best], texts[worst])
+                  for row, (best, worst) in zip(chunk, top_bottom_members(ratings, groups.sizes,
+                                                                          filter_.cfg.sega.trim))]
     policy.train()
     return pairs
+
+
+def top_bottom_members(ratings: torch.Tensor, sizes: torch.Tensor, trim: int) -> list[tuple[int, int]]:
+    """Per group, the member rows (into ``ratings`` [N], groups of ``sizes`` [B] members in order) of its
+    best-rated member and of its worst once the ``trim`` lowest are dropped."""
+    members, first = [], 0
+    for size in sizes.tolist():
+        best, worst = top_bottom_pairs(ratings[first : first + size], 1, trim=trim)[0].tolist()
+        members.append((first + best, first + worst))
+        first += size
+    return members
 
 
 class FilteredDPO(PairObjective):
