@@ -164,6 +164,8 @@ class SegaConfig(_Bounded):
                                    "fork tokens' entropy")
     top_m: float = _opt(0.1, "Eq. 1: fraction (0-1] of a candidate's tokens before the answer span, those of "
                              "highest entropy, taken as forks")
+    final_weight: float = _opt(1.0, "Eq. 1, S = -final_weight x mean(H_answer) + ...: weight of the terminal "
+                                    "(answer) entropy term; 0 is the paper's ablation without it", at_least=0)
     reward_mapping: Literal["identity", "softmax", "zscore"] = _opt(
         "softmax", "scores to rewards: identity, softmax over the group at reward_temperature, or zscore "
                    "(S - mean) / std over the group (the official GEM code's)")
@@ -201,6 +203,8 @@ class SegaConfig(_Bounded):
         if self.anchor_weight > 0 and self.ranking == "score":
             raise UsageError(f"--anchor_weight {self.anchor_weight} needs --ranking bradley_terry or trueskill: the "
                              "human win is a comparison, and Eq. 1 scores alone take none")
+        if self.final_weight == 0 and self.lambda_fork == 0:
+            raise UsageError("--final_weight 0 with --lambda_fork 0 leaves Eq. 1 no term to rank by")
 
 
 @dataclass(frozen=True)

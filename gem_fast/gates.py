@@ -86,7 +86,8 @@ def pair_scores(
         token_logp, entropy = response_logprob_entropy(model, batch, backend=backend)
         valid = batch.response_mask[:, 1:]
         final = answer_span(sega, batch.input_ids[:, 1:], valid, tokenizer)
-        scores = entropy_score(entropy, final, valid, lambda_fork=sega.lambda_fork, top_m=sega.top_m)
+        scores = entropy_score(entropy, final, valid, lambda_fork=sega.lambda_fork, top_m=sega.top_m,
+                               final_weight=sega.final_weight)
         n = len(chunk)  # rows: the chunk's chosen responses, then its rejected ones
         eq1.append(scores.view(2, n).T.cpu())
         logp.append(token_logp.sum(-1).view(2, n).T.float().cpu())
@@ -146,7 +147,8 @@ def candidate_gates(
             temperature=sampling.temperature, top_p=sampling.top_p, chat_template=chat_template,
             max_length=max_length, generator=generator)
         scores = entropy_score(out.token_entropy, answer_span(sega, out.sequences, out.mask, tokenizer), out.mask,
-                               lambda_fork=sega.lambda_fork, top_m=sega.top_m).view(len(chunk), sampling.k).cpu()
+                               lambda_fork=sega.lambda_fork, top_m=sega.top_m, final_weight=sega.final_weight
+                               ).view(len(chunk), sampling.k).cpu()
         ended = ((out.sequences == tokenizer.eos_token_id) & out.mask).any(-1).cpu()
         if checkable:
             right = torch.tensor([final_answer(t) == answers[start + i // sampling.k] for i, t in enumerate(texts)],

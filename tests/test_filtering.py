@@ -154,3 +154,23 @@ def test_filtered_dpo_trains_on_one_self_ranked_pair_per_row_from_the_reference(
     pairs = [json.loads(line) for line in (tmp_path / "out" / "filtered_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 4 and [p["prompt"] for p in pairs] == [json.loads(r)["prompt"] for r in
                                                                data.read_text().splitlines()]
+
+
+def test_final_weight_zero_drops_the_terminal_term_from_scores_and_wins():
+    from gem_fast.ranking import entropy_wins
+    from gem_fast.scoring import entropy_score
+
+    entropy = torch.tensor([[[3.0, 1.0, 0.1], [1.0, 2.0, 2.0]]])
+    valid = torch.ones_like(entropy, dtype=torch.bool)
+    final = torch.tensor([[[False, False, True]] * 2])
+    fork = valid & ~final
+    plain = entropy_score(entropy, final, valid, lambda_fork=0.5, top_m=2)
+    assert plain[0].tolist() == pytest.approx([-0.1 + 0.5 * 2.0, -2.0 + 0.5 * 1.5])
+    assert entropy_score(entropy, final, valid, lambda_fork=0.5, top_m=2, final_weight=0.0)[0].tolist() == \
+        pytest.approx([0.5 * 2.0, 0.5 * 1.5])
+    # Answer entropy 0.1 < 2.0: 0 wins the terminal comparison; fork entropies {3, 1} vs {1, 2}: 0 wins 5/8.
+    assert entropy_wins(entropy, final, fork, lambda_fork=0.5)[0, 0, 1].item() == pytest.approx((1 + 0.5 * 5 / 8) / 1.5)
+    assert entropy_wins(entropy, final, fork, lambda_fork=0.5, final_weight=0.0)[0, 0, 1].item() == \
+        pytest.approx(5 / 8)
+    with pytest.raises(UsageError, match="no term"):
+        TrainConfig.from_flat({"objective": "sega", "final_weight": 0.0, "lambda_fork": 0.0})

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per candidate at most")
     p.add_argument("--temperature", type=number(float, at_least=0), default=SamplingConfig.temperature)
     p.add_argument("--top_p", type=number(float, above=0), default=SamplingConfig.top_p)
-    for name in ("final_span", "lambda_fork", "top_m", "final_fraction"):
+    for name in ("final_span", "lambda_fork", "top_m", "final_fraction", "final_weight"):
         default = getattr(SegaConfig, name)
         hint = typing.get_type_hints(SegaConfig)[name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(k=args.k, gen_max_new_tokens=args.gen_max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p)
     sega = SegaConfig(final_span=args.final_span, lambda_fork=args.lambda_fork, top_m=args.top_m,
-                      final_fraction=args.final_fraction)
+                      final_fraction=args.final_fraction, final_weight=args.final_weight)
     with torch.no_grad():
         gates = candidate_gates(model.eval(), tokenizer, pairs, sampling, sega,
                                 chat_template=args.chat_template, max_length=args.max_length, seed=args.seed,

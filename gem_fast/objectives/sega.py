@@ -213,13 +213,13 @@ class SEGA(Objective):
         n, size = groups.sizes.shape[0], int(groups.sizes[0])
         final = answer_span(sega, groups.sequences, groups.mask, self.tokenizer)
         scores = entropy_score(groups.token_entropy, final, groups.mask, lambda_fork=sega.lambda_fork,
-                               top_m=sega.top_m).view(n, size)
+                               top_m=sega.top_m, final_weight=sega.final_weight).view(n, size)
         if sega.ranking == "score":
             return scores, scores
         final = final & groups.mask
         fork = top_m_mask(groups.token_entropy, groups.mask & ~final, sega.top_m)
         wins = entropy_wins(*(t.view(n, size, -1) for t in (groups.token_entropy, final, fork)),
-                            lambda_fork=sega.lambda_fork)
+                            lambda_fork=sega.lambda_fork, final_weight=sega.final_weight)
         if groups.anchored[0]:
             wins = anchor_human_pair(wins, torch.full((n,), size - 2, device=wins.device),
                                      torch.full((n,), size - 1, device=wins.device), sega.anchor_weight)
