@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true", help="score a grid of Eq. 1 settings on the labelled rows "
                                                             "with k-fold cross-validation instead of the gates")
     p.add_argument("--folds", type=number(int, at_least=2), default=4, help="--calibrate: cross-validation folds")
+    p.add_argument("--ranking", choices=("score", "bradley_terry"), default=None,
+                   help="--calibrate: only this ranking in the grid (bradley_terry for anchored groups, which need a "
+                        "fitted ranking; default: both)")
     p.add_argument("--output_yaml", default=None, help="--calibrate: where the chosen settings go, a YAML fragment "
                                                        "for train_sega.py --config (default: not written)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_json / --output_yaml")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _calibrate(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, pairs: list[PreferencePair],
                out: Path | None, out_yaml: Path | None) -> int:
-    grid = default_grid()
+    grid = [g for g in default_grid() if args.ranking in (None, g.ranking)]
     tokens = pair_entropies(model, tokenizer, pairs, chat_template=args.chat_template, max_length=args.max_length,
                             backend=args.kernel_backend)
     correct = torch.stack([setting_correct(tokens, setting, tokenizer) for setting in grid])
