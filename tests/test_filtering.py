@@ -14,6 +14,7 @@ from gem_fast.data import PreferencePair
 from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
 from gem_fast.objectives import SEGA
+from gem_fast.objectives.sega import Groups
 from gem_fast.objectives.filtered_dpo import top_bottom_members
 from gem_fast.policy import PolicyLoss
 from gem_fast.ranking import anchor_human_pair, bradley_terry, trueskill
@@ -79,16 +80,18 @@ def test_filtered_dpo_pairs_are_the_argmax_and_argmin_of_the_ratings(trim):
         first += size
 
 
-def _anchored_sega(tok, **flat) -> SEGA:
+def _anchored_sega(tok, labelled_first: bool = True, **flat) -> SEGA:
     rows = [PreferencePair("Q1: 1+3=", "4 since 1+3", "5"), "Q2: 2+6="]
+    rows = rows if labelled_first else rows[::-1]
     cfg = TrainConfig.from_flat({"objective": "sega", "k": 2, "batch_size": 2, "gen_max_new_tokens": 6,
                                  "ranking": "bradley_terry", "reward_mapping": "zscore", **flat})
     return SEGA(cfg, DistEnv.single(), rows, tok)
 
 
-def test_an_anchored_group_holds_k_candidates_and_the_human_pair_beside_a_plain_one(tok):
+@pytest.mark.parametrize("order", [True, False])
+def test_an_anchored_group_holds_k_candidates_and_the_human_pair_beside_a_plain_one(tok, order):
     policy = PolicyLoss(tiny_model(tok))
-    sega = _anchored_sega(tok, anchor_weight=50.0)
+    sega = _anchored_sega(tok, order, anchor_weight=50.0)
     index = sega.micro_pairs(0, 0)
     (mb,), stats = sega.step_batches(policy, step=0)
     labelled_first = isinstance(index[0], PreferencePair)
@@ -174,3 +177,24 @@ def test_final_weight_zero_drops_the_terminal_term_from_scores_and_wins():
         pytest.approx(5 / 8)
     with pytest.raises(UsageError, match="no term"):
         TrainConfig.from_flat({"objective": "sega", "final_weight": 0.0, "lambda_fork": 0.0})
+
+
+@pytest.mark.parametrize("ranking", ["bradley_terry", "trueskill"])
+def test_the_human_win_reaches_an_anchored_group_after_a_plain_one(ranking):
+    # Group 0: k = 2 sampled candidates; group 1: 2 candidates, then chosen and rejected, whose answer
+    # entropies (last token) make Eq. 1 prefer the rejected response.
+    answer = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 3.0, 0.1]
+    entropy = torch.tensor([[1.0, 0.5]] * 4 + [[1.0, a] for a in answer[6:]])
+    groups = Groups(torch.zeros(6, 2, dtype=torch.long), entropy, torch.ones(6, 2, dtype=torch.bool),
+                    torch.tensor([2, 4]), (False, True))
+    ratings = {}
+    for weight in (0.0, 50.0):
+        cfg = TrainConfig.from_flat({"objective": "sega", "k": 2, "ranking": ranking, "anchor_weight": weight,
+                                     "final_span": "last_fraction", "final_fraction": 0.5})
+        scores, ratings[weight] = SEGA(cfg, DistEnv.single(), [], None).rate_groups(groups)
+        assert scores[4] < scores[5]  # Eq. 1 alone prefers the rejected response
+    assert torch.equal(ratings[0.0][:2], ratings[50.0][:2])  # the plain group is untouched
+    assert ratings[50.0][4] > ratings[0.0][4] and ratings[50.0][5] < ratings[0.0][5]
+    assert ratings[0.0][4] < ratings[0.0][5]
+    if ranking == "bradley_terry":  # TrueSkill plays the human game once, among the others: it cannot outvote them
+        assert ratings[50.0][4] > ratings[50.0][5]

@@ -70,11 +70,11 @@ class Groups:
                 size = int(self.sizes[index[0]])
                 yield starts[index].unsqueeze(1) + torch.arange(size), anchored
 
-    def rows(self, index: torch.Tensor) -> Groups:
-        """The member rows ``index`` [n, size] as n groups of one kind."""
+    def rows(self, index: torch.Tensor, anchored: bool) -> Groups:
+        """The member rows ``index`` [n, size] as n groups of one kind (from :meth:`classes`)."""
         flat = index.flatten()
         return Groups(self.sequences[flat], self.token_entropy[flat], self.mask[flat],
-                      torch.full((index.shape[0],), index.shape[1]), (self.anchored[0],) * index.shape[0])
+                      torch.full((index.shape[0],), index.shape[1]), (anchored,) * index.shape[0])
 
 
 class SEGA(Objective):
@@ -200,8 +200,8 @@ class SEGA(Objective):
         """Eq. 1 scores and ratings (see :meth:`rate`) of every member, two [N] float32 in member order."""
         scores = torch.empty(groups.mask.shape[0], device=groups.mask.device)
         ratings = torch.empty_like(scores)
-        for index, _ in groups.classes():
-            scores[index], ratings[index] = self.rate(groups.rows(index))
+        for index, anchored in groups.classes():
+            scores[index], ratings[index] = self.rate(groups.rows(index, anchored))
         return scores, ratings
 
     def rate(self, groups: Groups) -> tuple[torch.Tensor, torch.Tensor]:
