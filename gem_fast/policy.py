@@ -58,7 +58,8 @@ class PolicyLoss(nn.Module):
     computed once (:mod:`gem_fast.prefix_sharing`; SEGA's k candidates, a pair's two responses).
     """
 
-    fsdp_forward_methods = ("sample", "pair_logprobs", "response_logprob_entropy")  # gather like forward (gem_fast.distributed.parallelize)
+    # Gathered like forward (gem_fast.distributed.parallelize).
+    fsdp_forward_methods = ("sample", "pair_logprobs", "response_logprob_entropy")
 
     def __init__(self, model: nn.Module, *, backend: str = "auto", pair_loss: PairLoss | None = None,
                  prefix_sharing: bool = False) -> None:

@@ -121,7 +121,7 @@ def entropy_wins(
         raise ValueError(f"lambda_fork must be a finite number >= 0, got {lambda_fork!r}")
     if not (isinstance(final_weight, (int, float)) and math.isfinite(final_weight) and final_weight >= 0
             and final_weight + lambda_fork > 0):
-        raise ValueError(f"final_weight must be a finite number >= 0, with lambda_fork not both 0, got {final_weight!r}")
+        raise ValueError(f"final_weight must be a finite number >= 0, not 0 with lambda_fork 0, got {final_weight!r}")
     entropy = token_entropy.float()
     w_final = wins_from_tokens(-entropy, final_mask)
     w_fork = wins_from_tokens(entropy, fork_mask)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GEM's low-label setting on the embedded SmolLM2-135M-Instruct, end to end, in one command.
 
-    python scripts/demo.py [--out_dir outputs/demo] [--task decision] [--labelled 16] [--unlabelled 16] [--anchor_weight 1]
+    python scripts/demo.py [--out_dir outputs/demo] [--task decision] [--labelled 16] [--unlabelled 16]
+                           [--anchor_weight 1]
 
 What GEM is for: few labelled pairs, more unlabelled prompts. SFT and DPO get the ``--labelled``
 pairs of the training split; GEM gets SFT on the same pairs, then SEGA on those pairs, each group

@@ -148,7 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="training YAML for every stage (e.g. the 8-GPU one); the "
                                                   "calibrated Eq. 1 fields win over its own")
     p.add_argument("--launcher", default="", help='training stages run under this, e.g. "torchrun --nproc_per_node 8"')
-    p.add_argument("--chat_template", type=parse_bool, default=True, metavar="BOOL", help="prompts in the chat template")
+    p.add_argument("--chat_template", type=parse_bool, default=True, metavar="BOOL",
+                   help="prompts in the chat template")
     p.add_argument("--epochs", type=number(int, at_least=1), default=2, help="SFT passes over the labelled pairs")
     p.add_argument("--batch", type=number(int, at_least=1), default=None,
                    help="pairs or prompts per optimizer step (default: 2, or --config's batch_size x grad_accum)")
@@ -182,7 +183,8 @@ def _sources(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
     test = _rows(input_file(ROOT / "data" / args.task / "test.jsonl", "--task"))
     if args.labelled + args.unlabelled > len(train) or args.eval_pairs > len(test):
         raise UsageError(f"--task {args.task}: {len(train)} training rows and {len(test)} held-out ones, fewer than "
-                         f"--labelled + --unlabelled {args.labelled + args.unlabelled} or --eval_pairs {args.eval_pairs}")
+                         f"--labelled + --unlabelled {args.labelled + args.unlabelled} or --eval_pairs "
+                         f"{args.eval_pairs}")
     return train[: args.labelled], train[args.labelled : args.labelled + args.unlabelled], test[: args.eval_pairs]
 
 
@@ -214,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               str(args.seed), "--lr_decay", "constant", "--progress", "false",
               *(f"--{k}={v}" for k, v in shape.items() if k not in ("k", "gen_max_new_tokens"))]
     sft_model = out / "sft" / "final"
-    costs = {"SFT only": run_stage(["scripts/train_sft.py", *base, "--config", str(stage_config(out, "sft", args.config)),
-                                    "--train_jsonl",
+    sft_yaml = stage_config(out, "sft", args.config)
+    costs = {"SFT only": run_stage(["scripts/train_sft.py", *base, "--config", str(sft_yaml), "--train_jsonl",
                                     str(labelled), "--epochs", str(args.epochs), "--out_dir", str(out / "sft"), "--lr",
                                     str(args.lr_sft), *common], out / "sft_train.log", launcher)}
 
@@ -282,7 +284,8 @@ def _table(args: argparse.Namespace, rows: list[dict], calibration: dict, device
            k: int) -> str:
     full = next(r for r in rows if r["model"] == FULL)
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    lines = [f"GEM ablation, {date.today()}, {device_name}, model `{args.model_name_or_path or 'SmolLM2-135M-Instruct'}`: "
+    model = args.model_name_or_path or "SmolLM2-135M-Instruct"
+    lines = [f"GEM ablation, {date.today()}, {device_name}, model `{model}`: "
              f"{labelled} labelled pairs, {len(rows[0]['correct'])} held-out pairs, k={k}, "
              f"anchor_weight {args.anchor_weight}, calibrated Eq. 1 {calibration['chosen']} (cross-validated pair "
              f"accuracy {100 * calibration['cv_accuracy']:.1f}%, 95% CI {100 * calibration['cv_ci'][0]:.1f}-"

@@ -38,14 +38,15 @@ def filtered_pairs(filter_: SEGA, policy: PolicyLoss, rows: list[Row]) -> list[P
     computes all of them (the same seed, so the same pairs, and the same FSDP forwards)."""
     run = filter_.cfg.run
     generator = filter_.generator(0)
-    pad = filter_.tokenizer.pad_token_id if filter_.tokenizer.pad_token_id is not None else filter_.tokenizer.eos_token_id
+    tokenizer = filter_.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = []
     policy.eval()
     for start in range(0, len(rows), run.batch_size):
         chunk = rows[start : start + run.batch_size]
         _, _, groups = filter_.groups(policy, chunk, generator)
         _, ratings = filter_.rate_groups(groups)
-        texts = filter_.tokenizer.batch_decode(groups.sequences.masked_fill(~groups.mask, pad).tolist(),
+        texts = tokenizer.batch_decode(groups.sequences.masked_fill(~groups.mask, pad).tolist(),
                                                skip_special_tokens=True)
         pairs += [PreferencePair(row_prompt(row), texts[best], texts[worst])
                   for row, (best, worst) in zip(chunk, top_bottom_members(ratings, groups.sizes,

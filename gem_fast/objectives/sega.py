@@ -241,7 +241,8 @@ def answer_span(sega: SegaConfig, sequences: torch.Tensor, mask: torch.Tensor, t
 def _shuffled_within_groups(adv: torch.Tensor, seed: int, step: int, rank: int, micro: int, anchored: bool
                             ) -> torch.Tensor:
     """``adv`` [B, size] with each row permuted at random; its own CPU generator, so sampling draws what it would."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank * 31 + micro + 7 + 500_009 * anchored)
+    salt = 500_009 if anchored else 0  # the two kinds of group draw apart
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank * 31 + micro + 7 + salt)
     order = torch.rand(adv.shape, generator=generator).argsort(-1).to(adv.device)
     return adv.gather(-1, order)
 
