@@ -47,7 +47,7 @@ def filtered_pairs(filter_: SEGA, policy: PolicyLoss, rows: list[Row]) -> list[P
         _, _, groups = filter_.groups(policy, chunk, generator)
         _, ratings = filter_.rate_groups(groups)
         texts = tokenizer.batch_decode(groups.sequences.masked_fill(~groups.mask, pad).tolist(),
-                                               skip_special_tokens=True)
+                                       skip_special_tokens=True)
         pairs += [PreferencePair(row_prompt(row), texts[best], texts[worst])
                   for row, (best, worst) in zip(chunk, top_bottom_members(ratings, groups.sizes,
                                                                           filter_.cfg.sega.trim))]
