@@ -167,6 +167,8 @@ class SegaConfig(_Bounded):
                                    "fork tokens' entropy")
     top_m: float = _opt(0.1, "Eq. 1: fraction (0-1] of a candidate's tokens before the answer span, those of "
                              "highest entropy, taken as forks", above=0, at_most=1)
+    final_weight: float = _opt(1.0, "Eq. 1, S = -final_weight x mean(H_answer) + ...: weight of the terminal "
+                                    "(answer) entropy term; 0 is the paper's ablation without it", at_least=0)
     reward_mapping: Literal["identity", "softmax", "zscore"] = _opt(
         "softmax", "scores to rewards: identity, softmax over the group at reward_temperature, or zscore "
                    "(S - mean) / std over the group (the official GEM code's)")
@@ -187,6 +189,25 @@ class SegaConfig(_Bounded):
                         choices=RATING_METHODS)
     log_samples_every: int = _opt(10, "every this many optimizer steps rank 0 appends its prompts, candidates, "
                                       "Eq. 1 scores and advantages to out_dir/samples.jsonl (0: never)", at_least=0)
+    anchor_weight: float = _opt(0.0, "human-anchored groups: a preference row's group is its k candidates plus the "
+                                     "human chosen and rejected responses, and the ranking counts the human "
+                                     "preference as this many extra wins of chosen over rejected (needs ranking "
+                                     "bradley_terry or trueskill; 0: off, the human responses go unused)",
+                                at_least=0)
+    trim: int = _opt(0, "the N lowest-ranked members of each group get advantage 0 and the mapping and mean run over "
+                        "the rest (the GEM README's trimming of low-scoring outliers); at most k-1", at_least=0)
+    filtered_dpo: bool = _opt(False, "Cognitive Filtering + DPO (the paper's ablation row) instead of Eq. 2: before "
+                                     "training the initial model samples and ranks each prompt's group once, and DPO "
+                                     "trains on its top- and bottom-ranked member (after trim) as (chosen, rejected)")
+    dpo_beta: float = _opt(0.1, "filtered_dpo: β of DPO's implicit reward β·log(π/π_ref)", above=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.anchor_weight > 0 and self.ranking == "score":
+            raise UsageError(f"--anchor_weight {self.anchor_weight} needs --ranking bradley_terry or trueskill: the "
+                             "human win is a comparison, and Eq. 1 scores alone take none")
+        if self.final_weight == 0 and self.lambda_fork == 0:
+            raise UsageError("--final_weight 0 with --lambda_fork 0 leaves Eq. 1 no term to rank by")
 
 
 @dataclass(frozen=True)
@@ -222,6 +243,13 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sega: SegaConfig = field(default_factory=SegaConfig)
     pair: PairConfig = field(default_factory=PairConfig)
+
+    def __post_init__(self) -> None:
+        # Filtered DPO needs two members left after trimming; Eq. 2 one (the smallest group has k).
+        most = self.sampling.k - (2 if self.sega.filtered_dpo else 1)
+        if self.run.objective == "sega" and self.sega.trim > most:
+            raise UsageError(f"--trim {self.sega.trim}: at most k - {self.sampling.k - most} = {most} with --k "
+                             f"{self.sampling.k}{' and --filtered_dpo' if self.sega.filtered_dpo else ''}")
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:

@@ -28,7 +28,7 @@ __all__ = [
     "TokenizerLike",
     "load_preference_jsonl",
     "load_completions",
-    "load_prompts",
+    "load_group_rows",
     "encode_prompt_responses",
     "encode_pairs",
     "encode_prompts",
@@ -115,16 +115,23 @@ def load_completions(path: str | Path) -> list[Completion]:
     return examples
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """The ``prompt`` of every row of a JSONL file, for SEGA, which needs nothing else: prompt-only rows
-    (``{"prompt": ...}``, the unlabelled prompts of the low-label setting) and preference rows alike;
-    other fields are ignored. ``ValueError`` with ``path:line`` for a byte that is not UTF-8, invalid JSON, or a
-    missing or empty prompt.
+def load_group_rows(path: str | Path) -> list[str | PreferencePair]:
+    """SEGA's rows: a preference row (``prompt``, ``chosen``, ``rejected``) as a :class:`PreferencePair`, whose
+    human responses can join its group, any other row as its ``prompt`` (the unlabelled prompts); mixed freely.
+    ``ValueError`` with ``path:line`` for a byte that is not UTF-8, invalid JSON, or a missing or empty prompt
+    (or, in a preference row, response); other fields are ignored.
     """
     path = Path(path)
+    rows: list[str | PreferencePair] = []
     with open_text(path) as handle:
-        return [_check_text(row if isinstance(row, dict) else {}, "prompt", where)
-                for where, row in jsonl_rows(handle, path)]
+        for where, row in jsonl_rows(handle, path):
+            row = row if isinstance(row, dict) else {}
+            if "chosen" in row or "rejected" in row:
+                prompt, chosen, rejected = (_check_text(row, name, where) for name in _REQUIRED_FIELDS)
+                rows.append(PreferencePair(prompt, chosen, rejected, answer=row.get("answer")))
+            else:
+                rows.append(_check_text(row, "prompt", where))
+    return rows
 
 
 def load_preference_jsonl(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:
@@ -314,25 +321,32 @@ def join_prompt_and_generation(
     prompt_mask: torch.Tensor,
     sequences: torch.Tensor,
     generation_mask: torch.Tensor,
+    group_sizes: torch.Tensor | None = None,
 ) -> EncodedBatch:
-    """Prompt rows [B, P] (any padding) joined with their k generations [B*k, T] -> [B*k, P+T].
+    """Prompt rows [B, P] (any padding) joined with their generations [N, T] -> [N, P+T].
 
-    Generation rows are prompt-major (row ``b*k + j`` is candidate j of prompt b), as
-    :func:`gem_fast.sampling.sample_group` returns them; ``generation_mask`` marks the valid
+    Generation rows are prompt-major: ``group_sizes`` [B] int64 rows per prompt, or None for
+    k = N / B each (row ``b*k + j`` is candidate j of prompt b, as
+    :func:`gem_fast.sampling.sample_group` returns them); ``generation_mask`` marks the valid
     generated tokens, which become the response tokens.
     """
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError("prompt_ids and prompt_mask must both have shape [B, P]")
     if sequences.dim() != 2 or generation_mask.shape != sequences.shape:
-        raise ValueError("sequences and generation_mask must both have shape [B*k, T]")
+        raise ValueError("sequences and generation_mask must both have shape [N, T]")
     b = prompt_ids.shape[0]
-    if sequences.shape[0] % b:
-        raise ValueError(f"sequences has {sequences.shape[0]} rows, not a multiple of B={b}")
-    k = sequences.shape[0] // b
+    if group_sizes is None:
+        if sequences.shape[0] % b:
+            raise ValueError(f"sequences has {sequences.shape[0]} rows, not a multiple of B={b}")
+        repeats: int | torch.Tensor = sequences.shape[0] // b
+    elif group_sizes.shape != (b,) or int(group_sizes.sum()) != sequences.shape[0]:
+        raise ValueError(f"group_sizes must be [{b}] and sum to the {sequences.shape[0]} rows of sequences")
+    else:
+        repeats = group_sizes.to(prompt_ids.device)
     generated = generation_mask.bool()
-    prompt_rows = torch.zeros_like(prompt_mask, dtype=torch.bool).repeat_interleave(k, 0)
+    prompt_rows = torch.zeros_like(prompt_mask, dtype=torch.bool).repeat_interleave(repeats, 0)
     return EncodedBatch(
-        input_ids=torch.cat((prompt_ids.repeat_interleave(k, 0), sequences), dim=1).long(),
-        attention_mask=torch.cat((prompt_mask.repeat_interleave(k, 0).long(), generated.long()), dim=1),
+        input_ids=torch.cat((prompt_ids.repeat_interleave(repeats, 0), sequences), dim=1).long(),
+        attention_mask=torch.cat((prompt_mask.repeat_interleave(repeats, 0).long(), generated.long()), dim=1),
         response_mask=torch.cat((prompt_rows, generated), dim=1),
     )

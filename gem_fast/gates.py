@@ -28,9 +28,7 @@ import torch
 
 from gem_fast.config import SamplingConfig, SegaConfig
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompts
-from gem_fast.integrations import output_head
-from gem_fast.kernels import fused_logprob_entropy
-from gem_fast.logprobs import IGNORE_INDEX, response_hidden, response_targets
+from gem_fast.logprobs import response_logprob_entropy
 from gem_fast.objectives.sega import answer_span
 from gem_fast.sampling import sample_group
 from gem_fast.scoring import entropy_score
@@ -80,19 +78,16 @@ def pair_scores(
     One forward per batch gives both: the fused kernel returns each response token's log-prob and
     entropy; the answer span follows ``sega`` exactly as SEGA scores its candidates.
     """
-    head = output_head(model)
     device = next(model.parameters()).device
     eq1, logp = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = encode_pairs(tokenizer, chunk, max_length=max_length, chat_template=chat_template).to(device)
-        targets = response_targets(batch)
-        token_logp, entropy = fused_logprob_entropy(
-            response_hidden(model, batch), head.weight, targets, bias=head.bias, logit_scale=head.logit_scale,
-            logit_softcap=head.logit_softcap, ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True)
-        valid = targets != IGNORE_INDEX
+        token_logp, entropy = response_logprob_entropy(model, batch, backend=backend)
+        valid = batch.response_mask[:, 1:]
         final = answer_span(sega, batch.input_ids[:, 1:], valid, tokenizer)
-        scores = entropy_score(entropy, final, valid, lambda_fork=sega.lambda_fork, top_m=sega.top_m)
+        scores = entropy_score(entropy, final, valid, lambda_fork=sega.lambda_fork, top_m=sega.top_m,
+                               final_weight=sega.final_weight)
         n = len(chunk)  # rows: the chunk's chosen responses, then its rejected ones
         eq1.append(scores.view(2, n).T.cpu())
         logp.append(token_logp.sum(-1).view(2, n).T.float().cpu())
@@ -152,7 +147,8 @@ def candidate_gates(
             temperature=sampling.temperature, top_p=sampling.top_p, chat_template=chat_template,
             max_length=max_length, generator=generator)
         scores = entropy_score(out.token_entropy, answer_span(sega, out.sequences, out.mask, tokenizer), out.mask,
-                               lambda_fork=sega.lambda_fork, top_m=sega.top_m).view(len(chunk), sampling.k).cpu()
+                               lambda_fork=sega.lambda_fork, top_m=sega.top_m, final_weight=sega.final_weight
+                               ).view(len(chunk), sampling.k).cpu()
         ended = ((out.sequences == tokenizer.eos_token_id) & out.mask).any(-1).cpu()
         if checkable:
             right = torch.tensor([final_answer(t) == answers[start + i // sampling.k] for i, t in enumerate(texts)],

@@ -29,6 +29,7 @@ __all__ = [
     "PairLogprobs",
     "response_targets",
     "response_hidden",
+    "response_logprob_entropy",
     "sequence_logprobs",
     "pair_logprobs",
 ]
@@ -85,6 +86,17 @@ def sequence_logprobs(
     if length_normalize:
         total = total / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
     return total
+
+
+def response_logprob_entropy(model: torch.nn.Module, batch: EncodedBatch, *, temperature: float = 1.0,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-prob of each response token and entropy (nats) of softmax(logits / temperature) at
+    its predicting position: two [N, L-1] float32, 0 off the response (as the sampler's ``token_entropy``)."""
+    head = output_head(model)
+    return fused_logprob_entropy(
+        response_hidden(model, batch), head.weight, response_targets(batch), bias=head.bias,
+        logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, temperature=temperature,
+        ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from torch import nn
 from gem_fast.data import EncodedBatch, PreferencePair
 from gem_fast.integrations import output_head
 from gem_fast.kernels import weighted_logprob_loss
-from gem_fast.logprobs import IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_targets
+from gem_fast.logprobs import (IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_logprob_entropy,
+                               response_targets)
 from gem_fast.prefix_sharing import pack_groups, packed_response_hidden
 from gem_fast.sampling import GroupSample, sample_group
 
@@ -57,7 +58,8 @@ class PolicyLoss(nn.Module):
     computed once (:mod:`gem_fast.prefix_sharing`; SEGA's k candidates, a pair's two responses).
     """
 
-    fsdp_forward_methods = ("sample", "pair_logprobs")  # gather like forward (gem_fast.distributed.parallelize)
+    # Gathered like forward (gem_fast.distributed.parallelize).
+    fsdp_forward_methods = ("sample", "pair_logprobs", "response_logprob_entropy")
 
     def __init__(self, model: nn.Module, *, backend: str = "auto", pair_loss: PairLoss | None = None,
                  prefix_sharing: bool = False) -> None:
@@ -97,3 +99,10 @@ class PolicyLoss(nn.Module):
     def pair_logprobs(self, tokenizer: Any, pairs: list[PreferencePair], **kwargs: Any) -> PairLogprobs:
         """:func:`gem_fast.logprobs.pair_logprobs` of the wrapped model (no grad); an FSDP forward method."""
         return pair_logprobs(self.model, tokenizer, pairs, backend=self.backend, **kwargs)
+
+    @torch.no_grad()
+    def response_logprob_entropy(self, batch: EncodedBatch, *, temperature: float = 1.0
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`gem_fast.logprobs.response_logprob_entropy` of the wrapped model (no grad); an FSDP forward
+        method (SEGA's anchored groups score the human responses with it)."""
+        return response_logprob_entropy(self.model, batch, temperature=temperature, backend=self.backend)

@@ -107,19 +107,23 @@ def entropy_wins(
     fork_mask: torch.Tensor,
     *,
     lambda_fork: float = 0.4,
+    final_weight: float = 1.0,
 ) -> torch.Tensor:
     """Token-level Eq. 1 win matrix [..., k, k] from entropies [..., k, T].
 
-    ``(W_final + lambda_fork * W_fork) / (1 + lambda_fork)`` with W_final comparing
+    ``(final_weight * W_final + lambda_fork * W_fork) / (final_weight + lambda_fork)`` with W_final comparing
     final-answer entropies (lower wins) and W_fork comparing fork entropies (higher wins);
     ``fork_mask`` is the top-m set, e.g. from :func:`gem_fast.scoring.top_m_mask`.
     """
     if not (isinstance(lambda_fork, (int, float)) and math.isfinite(lambda_fork) and lambda_fork >= 0):
         raise ValueError(f"lambda_fork must be a finite number >= 0, got {lambda_fork!r}")
+    if not (isinstance(final_weight, (int, float)) and math.isfinite(final_weight) and final_weight >= 0
+            and final_weight + lambda_fork > 0):
+        raise ValueError(f"final_weight must be a finite number >= 0, not 0 with lambda_fork 0, got {final_weight!r}")
     entropy = token_entropy.float()
     w_final = wins_from_tokens(-entropy, final_mask)
     w_fork = wins_from_tokens(entropy, fork_mask)
-    return (w_final + lambda_fork * w_fork) / (1.0 + lambda_fork)
+    return (final_weight * w_final + lambda_fork * w_fork) / (final_weight + lambda_fork)
 
 
 def anchor_human_pair(

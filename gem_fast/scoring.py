@@ -109,8 +109,12 @@ def entropy_score(
     *,
     lambda_fork: float = 0.4,
     top_m: float = 0.1,
+    final_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Eq. 1 score of each candidate: ``-mean(H_final) + lambda_fork * mean(top-m H_reasoning)``.
+    """Eq. 1 score of each candidate: ``-final_weight * mean(H_final) + lambda_fork * mean(top-m H_reasoning)``.
+
+    ``final_weight`` 1 is Eq. 1; 0 drops the terminal term (the paper's ablation), the answer span then
+    only says which tokens are reasoning.
 
     ``token_entropy`` [..., T] float (nats); ``final_mask`` and ``valid_mask`` [..., T] bool
     (``valid_mask=None``: every position is valid). Returns float32 [...]; ``-inf`` for a
@@ -122,6 +126,8 @@ def entropy_score(
         raise ValueError("token_entropy must have a token dimension [..., T]")
     if not (isinstance(lambda_fork, (int, float)) and math.isfinite(lambda_fork)):
         raise ValueError(f"lambda_fork must be a finite number, got {lambda_fork!r}")
+    if not (isinstance(final_weight, (int, float)) and math.isfinite(final_weight)):
+        raise ValueError(f"final_weight must be a finite number, got {final_weight!r}")
     _check_top_m(top_m)
     entropy = token_entropy.float()
     final = _bool_mask(final_mask, "final_mask", entropy)
@@ -135,7 +141,7 @@ def entropy_score(
     final_mean = entropy.masked_fill(~final, 0.0).sum(-1) / n_final.clamp(min=1)
     values, _, selected, m = _top_m_sorted(entropy, reasoning, top_m)
     fork_mean = values.masked_fill(~selected, 0.0).sum(-1) / m.clamp(min=1)
-    score = -final_mean + lambda_fork * fork_mean
+    score = -final_weight * final_mean + lambda_fork * fork_mean
     return score.masked_fill(n_final == 0, float("-inf"))
 
 

@@ -115,15 +115,16 @@ def sega_advantages(
 
 
 def sega_token_weights(advantages: torch.Tensor, groups: float, width: int) -> torch.Tensor:
-    """Eq. 2's per-token loss weights [B·k, width] float32: ``A_i / groups`` on every token of candidate row i.
+    """Eq. 2's per-token loss weights [N, width] float32: ``A_i / groups`` on every token of candidate row i.
 
-    ``advantages`` [B, k] (constants), rows prompt-major as the sampler returns them; ``groups``
+    ``advantages`` [B, k] or, for groups of different sizes, [N] (constants), rows prompt-major as the
+    sampler returns them; ``groups``
     is the number of prompts the loss averages over ("group" normalisation: the sum over all
     candidates' tokens divided by it; long responses weigh more). ``width`` is the row's
     predicted-token count L - 1; padding and prompt tokens are masked by the targets, not here.
     """
-    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 2:
-        raise ValueError("advantages must be a torch.Tensor [B, k]")
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() not in (1, 2):
+        raise ValueError("advantages must be a torch.Tensor [B, k] or [N]")
     if not groups > 0:
         raise ValueError(f"groups must be > 0, got {groups!r}")
     return (advantages.detach().float().reshape(-1, 1) * (1.0 / groups)).expand(-1, width).contiguous()

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """GEM's low-label setting on the embedded SmolLM2-135M-Instruct, end to end, in one command.
 
-    python scripts/demo.py [--out_dir outputs/demo] [--task decision] [--labelled 16] [--unlabelled 32]
+    python scripts/demo.py [--out_dir outputs/demo] [--task decision] [--labelled 16] [--unlabelled 16]
+                           [--anchor_weight 1]
 
 What GEM is for: few labelled pairs, more unlabelled prompts. SFT and DPO get the ``--labelled``
-pairs of the training split; GEM gets SFT on the same pairs, then SEGA on ``--unlabelled``
-further prompts of the split, prompt-only rows that DPO cannot use. A control run repeats that
-SEGA with each group's advantages shuffled at every step (same seeds, settings and compute), which
-separates learning from Eq. 1's ranking from learning from sampling itself.
+pairs of the training split; GEM gets SFT on the same pairs, then SEGA on those pairs, each group
+anchored by its human pair (``--anchor_weight``), and on ``--unlabelled`` further prompts of the
+split, prompt-only rows that DPO cannot use. A control run repeats that SEGA with each group's
+advantages shuffled at every step (same seeds, settings and compute), which separates learning from
+Eq. 1's ranking from learning from sampling itself.
 
-Before SEGA trains, the gates (:mod:`gem_fast.gates`) run on the SFT model and the labelled pairs
-only: Eq. 1's preference accuracy, the rank correlation of Eq. 1 with correctness of sampled
-candidates, and the share of candidates cut off by the token limit. The generation limit is
+Before SEGA trains, on the SFT model and the labelled pairs only: Eq. 1 is calibrated
+(``gates.py --calibrate``: a grid of its settings, k-fold cross-validated, ranking bradley_terry so
+that the human pair can anchor the groups), and the gates (:mod:`gem_fast.gates`) run with the
+chosen settings: Eq. 1's preference accuracy, the rank correlation of Eq. 1 with correctness of
+sampled candidates, and the share of candidates cut off by the token limit. The generation limit is
 chosen from them (their 90th percentile length plus a margin); nothing is chosen from held-out
 results. Each model is then scored once on ``--eval_pairs`` held-out pairs: preference accuracy
 (implicit reward log π, bootstrap interval), greedy task accuracy, and paired bootstrap intervals
@@ -29,8 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
 from datetime import date
@@ -38,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from gem_fast.cli.ablation import run_stage, write_training_splits
+from gem_fast.config import read_yaml
 from gem_fast.eval import paired_bootstrap_ci
 from gem_fast.gates import Gates
 from gem_fast.kernels import resolve_backend
@@ -50,33 +54,16 @@ DPO_BETA = 0.1
 GATE_MAX_NEW_TOKENS = 96  # the gates sample with this limit; SEGA's own is chosen from what they see
 
 
-def run_stage(args: list[str], log_path: Path) -> dict[str, float]:
-    """Run ``python args...`` with output to ``log_path``; its wall time (s) and peak RSS (MiB)."""
-    cmd = [sys.executable, *args]
-    print("$", shlex.join(cmd[1:]), flush=True)
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
-        raise SystemExit(f"stage failed ({log_path}):\n{tail}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
-
-
 def write_splits(task: str, out: Path, labelled: int, unlabelled: int, eval_pairs: int) -> tuple[Path, Path, Path]:
-    """The labelled pairs, the unlabelled prompts (prompt-only rows) and the held-out pairs, as files in ``out``."""
+    """The labelled pairs, SEGA's rows (those pairs, then the unlabelled prompts as prompt-only rows) and the
+    held-out pairs, as files in ``out``."""
     train_rows = (ROOT / "data" / task / "train.jsonl").read_text().splitlines(keepends=True)
     test_rows = (ROOT / "data" / task / "test.jsonl").read_text().splitlines(keepends=True)
     if labelled + unlabelled > len(train_rows) or eval_pairs > len(test_rows):
         raise SystemExit(f"data/{task} has {len(train_rows)} training rows and {len(test_rows)} held-out ones")
-    paths = out / "labelled.jsonl", out / "unlabelled_prompts.jsonl", out / "heldout.jsonl"
-    paths[0].write_text("".join(train_rows[:labelled]))
-    paths[1].write_text("".join(json.dumps({"prompt": json.loads(r)["prompt"]}) + "\n"
-                                for r in train_rows[labelled : labelled + unlabelled]))
-    paths[2].write_text("".join(test_rows[:eval_pairs]))
-    return paths
+    heldout = out / "heldout.jsonl"
+    heldout.write_text("".join(test_rows[:eval_pairs]))
+    return (*write_training_splits(out, train_rows[:labelled], train_rows[labelled : labelled + unlabelled]), heldout)
 
 
 def generation_limit(gates: dict) -> int:
@@ -89,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out_dir", default="outputs/demo")
     parser.add_argument("--task", choices=TASKS, default="decision", help="built-in task (data/<task>/)")
     parser.add_argument("--labelled", type=int, default=16, help="labelled pairs: SFT, DPO and the gates use them")
-    parser.add_argument("--unlabelled", type=int, default=32, help="further prompts, unlabelled, for SEGA")
+    parser.add_argument("--unlabelled", type=int, default=16, help="further prompts, unlabelled, for SEGA")
+    parser.add_argument("--anchor_weight", type=float, default=1.0,
+                        help="wins of the human chosen over the rejected response in a labelled group's ranking")
     parser.add_argument("--epochs", type=int, default=2, help="passes of SFT and DPO over the labelled pairs")
     parser.add_argument("--batch", type=int, default=2, help="pairs or prompts per optimizer step")
     parser.add_argument("--k", type=int, default=4, help="SEGA candidates per prompt")
-    parser.add_argument("--eval_pairs", type=int, default=96, help="held-out pairs to evaluate")
+    parser.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to evaluate")
     parser.add_argument("--task_max_new_tokens", type=int, default=64, help="greedy completion limit (task accuracy)")
     args = parser.parse_args(argv)
     out = (ROOT / args.out_dir).resolve()
@@ -102,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = resolve_backend("auto", device)
-    labelled, prompts, heldout = write_splits(args.task, out, args.labelled, args.unlabelled, args.eval_pairs)
+    labelled, sega_rows, heldout = write_splits(args.task, out, args.labelled, args.unlabelled, args.eval_pairs)
     t0 = time.perf_counter()
 
     common = ["--chat_template", "true", "--kernel_backend", backend, "--max_length", "256", "--seed", "0",
@@ -115,8 +104,18 @@ def main(argv: list[str] | None = None) -> int:
                          "--out_dir", str(out / "dpo"), "--lr", str(LR["dpo"]), "--beta", str(DPO_BETA), *common]}
     costs = {name: run_stage(cmd, out / f"{name.lower().replace('+', '_')}_train.log") for name, cmd in train.items()}
 
-    # The gates: on the SFT model and the labelled pairs only, with SEGA's Eq. 1 settings.
-    sega_cfg = ["--final_span", "marker", "--lambda_fork", "0.4", "--top_m", "0.1"]
+    # Eq. 1 calibrated, then the gates with its settings: on the SFT model and the labelled pairs only.
+    calibrated = out / "eq1.yaml"
+    run_stage(["scripts/gates.py", "--calibrate", "--ranking", "bradley_terry", "--model_name_or_path",
+               str(sft_model), "--train_jsonl", str(labelled), "--chat_template", "--max_length", "256",
+               "--kernel_backend", backend, "--output_yaml", str(calibrated), "--output_json",
+               str(out / "calibration.json")], out / "calibration.log")
+    calibration = json.loads((out / "calibration.json").read_text())
+    eq1 = read_yaml(calibrated)
+    print(f"calibrated Eq. 1: {eq1}, cross-validated pair accuracy {100 * calibration['cv_accuracy']:.1f}% "
+          f"(95% CI {100 * calibration['cv_ci'][0]:.1f}-{100 * calibration['cv_ci'][1]:.1f}%)"
+          + ("" if calibration["beats_chance"] else "; Eq. 1 carries no signal on this data"), flush=True)
+    sega_cfg = [f"--{name}={eq1[name]}" for name in ("final_span", "lambda_fork", "top_m", "final_fraction")]
     run_stage(["scripts/gates.py", "--model_name_or_path", str(sft_model), "--train_jsonl", str(labelled),
                "--chat_template", "--k", str(args.k), "--gen_max_new_tokens", str(GATE_MAX_NEW_TOKENS),
                "--kernel_backend", backend, "--output_json", str(out / "gates.json"), *sega_cfg], out / "gates.log")
@@ -126,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(gate_lines), flush=True)
     print(f"SEGA: gen_max_new_tokens {gen_max_new_tokens} (from the gates' 90th percentile length)", flush=True)
 
-    sega = ["scripts/train_sega.py", "--model_name_or_path", str(sft_model), "--train_jsonl", str(prompts),
-            "--epochs", "1", "--lr", str(LR["gem"]), "--k", str(args.k), "--gen_max_new_tokens",
-            str(gen_max_new_tokens), "--reward_mapping", "zscore", "--log_samples_every", "4", *sega_cfg, *common]
+    sega = ["scripts/train_sega.py", "--config", str(calibrated), "--model_name_or_path", str(sft_model),
+            "--train_jsonl", str(sega_rows), "--epochs", "1", "--lr", str(LR["gem"]), "--k", str(args.k),
+            "--gen_max_new_tokens", str(gen_max_new_tokens), "--reward_mapping", "zscore", "--anchor_weight",
+            str(args.anchor_weight), "--log_samples_every", "4", *common]
     costs["SFT+GEM"] = run_stage([*sega, "--out_dir", str(out / "gem")], out / "sft_gem_train.log")
     costs["SFT+GEM, shuffled A"] = run_stage([*sega, "--out_dir", str(out / "gem_shuffled"),
                                               "--shuffle_advantages", "true"], out / "sft_gem_shuffled_train.log")
@@ -158,12 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"GEM demo, {date.today()}, {device_name}, kernel backend `{backend}`, task `{args.task}`: "
-        f"{args.labelled} labelled pairs (SFT, DPO; epochs {args.epochs}), {args.unlabelled} unlabelled prompts "
-        f"(SEGA, k={args.k}, {gen_max_new_tokens} tokens, zscore advantages), {args.eval_pairs} held-out pairs, "
-        f"total {total / 60:.1f} min",
+        f"{args.labelled} labelled pairs (SFT, DPO; epochs {args.epochs}; SEGA, anchored, weight "
+        f"{args.anchor_weight}), {args.unlabelled} unlabelled prompts (SEGA, k={args.k}, {gen_max_new_tokens} tokens, "
+        f"zscore advantages), {args.eval_pairs} held-out pairs, total {total / 60:.1f} min",
         "",
-        "Gates (SFT model, labelled pairs only):",
+        "Calibration and gates (SFT model, labelled pairs only):",
         "",
+        f"- Eq. 1 calibrated ({calibration['folds']}-fold cross-validation, {len(calibration['settings'])} settings): "
+        f"{eq1}; cross-validated pair accuracy {100 * calibration['cv_accuracy']:.1f}% (95% CI "
+        f"{100 * calibration['cv_ci'][0]:.1f}-{100 * calibration['cv_ci'][1]:.1f}%)"
+        + ("" if calibration["beats_chance"] else "; Eq. 1 carries no signal on this data"),
         *(f"- {line}" for line in gate_lines),
         "",
         "| model | pref. accuracy | 95% CI | task accuracy | train time s | train peak RSS MiB | eval time s |",
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(
         {"device": device_name, "backend": backend, "total_seconds": total, "args": vars(args), "gates": gates,
+         "calibration": calibration,
          "gen_max_new_tokens": gen_max_new_tokens, "rows": rows,
          "differences": {k: dict(zip(("difference", "ci_low", "ci_high"), v)) for k, v in differences.items()}},
         indent=2) + "\n")

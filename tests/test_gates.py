@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 
 import pytest
 import torch
 from tiny_lm import tiny_model
 
-from gem_fast.config import SamplingConfig, SegaConfig
+from gem_fast.calibration import NO_SIGNAL, Setting, calibrate, default_grid, pair_entropies, setting_correct
+from gem_fast.config import SamplingConfig, SegaConfig, parse_config
 from gem_fast.data import PreferencePair, encode_pairs
 from gem_fast.gates import candidate_gates, greedy_completions, greedy_task_accuracy, pair_scores, spearman
 from gem_fast.logprobs import pair_logprobs
@@ -101,3 +103,59 @@ def test_gates_script_prints_and_writes_the_gates(tok, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     assert stop.value.code == 2 and "no rows" in capsys.readouterr().err
+
+
+def test_calibration_cross_validates_the_choice_and_says_when_nothing_beats_chance():
+    grid = default_grid()[:3]
+    always = torch.stack([torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool),
+                          torch.zeros(8, dtype=torch.bool)])
+    result = calibrate(always, grid, folds=4)
+    assert result.chosen == grid[1] and result.cv_accuracy == 1.0 and result.beats_chance
+    assert not any(NO_SIGNAL in line for line in result.lines())
+    assert [r.accuracy for r in result.results] == [0.0, 1.0, 0.0]
+    # Each setting right on a different half: the best on the training folds is wrong on the held-out fold.
+    half = torch.tensor([[True] * 4 + [False] * 4, [False] * 4 + [True] * 4, [False] * 8])
+    result = calibrate(half, grid, folds=2, seed=3)
+    assert result.results[0].accuracy == 0.5 and not result.beats_chance
+    assert result.lines()[-1] == f"{NO_SIGNAL}: no setting's cross-validated pair accuracy beats chance"
+    with pytest.raises(ValueError, match="folds"):
+        calibrate(half, grid, folds=9)
+
+
+def test_calibration_scores_the_default_setting_as_gate_1_does(tok):
+    model = tiny_model(tok)
+    default = default_grid()[0]
+    eq1, _ = pair_scores(model, tok, PAIRS, default.sega(), chat_template=False, backend="torch")
+    tokens = pair_entropies(model, tok, PAIRS, chat_template=False, batch_size=2, backend="torch")
+    assert torch.equal(setting_correct(tokens, default, tok), eq1[:, 0] > eq1[:, 1])
+    ranked = dataclasses.replace(default, ranking="bradley_terry", final_span="last_fraction")
+    assert setting_correct(tokens, ranked, tok).shape == (len(PAIRS),)
+
+
+def test_calibration_never_reads_the_evaluation_file_and_its_yaml_configures_sega(tok, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from gem_fast.cli import gates as script
+
+    model_dir = tmp_path / "model"
+    tiny_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(vars(p)) + "\n" for p in PAIRS))
+    missing_eval = tmp_path / "heldout.jsonl"  # never written: reading it would fail
+    opened = []
+    real_open = pathlib.Path.open
+    monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: opened.append(self.resolve()) or
+                        real_open(self, *a, **k))
+    out_yaml = tmp_path / "eq1.yaml"
+    assert script.main(["--calibrate", "--model_name_or_path", str(model_dir), "--train_jsonl", str(data),
+                        "--folds", "5", "--kernel_backend", "torch", "--output_yaml", str(out_yaml)]) == 0
+    assert missing_eval.resolve() not in opened and data.resolve() in opened
+    printed = capsys.readouterr().out
+    assert f"cross-validated (5 folds of {len(PAIRS)} labelled pairs" in printed
+    assert printed.count("% (95% CI") == len(default_grid()) + 1
+    cfg = parse_config(["--config", str(out_yaml)], objective="sega", description="")
+    chosen = {k: getattr(cfg.sega, k) for k in ("lambda_fork", "top_m", "final_span", "final_fraction", "ranking")}
+    assert f"chosen (best on all labelled pairs): {Setting(**chosen).label()}" in printed
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--calibrate", "--train_jsonl", str(data), "--folds", "6"])
+    assert stop.value.code == 2 and "--folds 6: more folds than the 5 labelled rows" in capsys.readouterr().err

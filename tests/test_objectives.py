@@ -13,19 +13,19 @@ from tiny_lm import run_config, tiny_model, write_run_inputs
 from gem_fast.config import TrainConfig
 from gem_fast.distributed import DistEnv
 from gem_fast.objectives import SEGA
+from gem_fast.objectives.sega import Groups
 from gem_fast.policy import PolicyLoss
-from gem_fast.sampling import GroupSample
 from gem_fast.sega import sega_advantages
 from gem_fast.train import train
 
 
-def _sample() -> GroupSample:
+def _sample() -> Groups:
     """One prompt, k = 3 candidates of 8 tokens: 0 answers confidently, 2 hesitantly, 1 generates nothing."""
     entropy = torch.tensor([[1.0, 2.0, 0.5, 1.5, 0.1, 0.1],
                             [0.0] * 6,
                             [1.0, 2.0, 0.5, 1.5, 2.0, 2.5]])
     mask = torch.tensor([[True] * 6, [False] * 6, [True] * 6])
-    return GroupSample(torch.zeros(3, 6, dtype=torch.long), entropy, mask, "expand", 0, 0)
+    return Groups(torch.zeros(3, 6, dtype=torch.long), entropy, mask, torch.tensor([3]), (False,))
 
 
 def _sega(ranking: str) -> SEGA:
@@ -34,14 +34,14 @@ def _sega(ranking: str) -> SEGA:
 
 
 def test_score_ranking_passes_eq1_scores_through():
-    scores, ratings = _sega("score").rate(_sample(), prompts=1)
+    scores, ratings = _sega("score").rate(_sample())
     assert ratings is scores and scores.shape == (1, 3)
     assert scores[0, 1] == -math.inf and scores[0, 0] > scores[0, 2]
 
 
 @pytest.mark.parametrize("ranking", ["bradley_terry", "trueskill"])
 def test_fitted_rankings_order_like_the_tokens_and_keep_no_answer_at_minus_inf(ranking):
-    scores, ratings = _sega(ranking).rate(_sample(), prompts=1)
+    scores, ratings = _sega(ranking).rate(_sample())
     assert ratings.shape == scores.shape and not torch.equal(ratings, scores)
     assert ratings[0, 1] == -math.inf  # no answer tokens: the reward mapping gives it 0
     assert math.isfinite(ratings[0, 0]) and ratings[0, 0] > ratings[0, 2]
@@ -81,9 +81,9 @@ def test_a_candidate_cut_off_before_its_marker_is_scored_on_its_last_tokens(tok,
     texts = ["1+1=2. Answer: 2", "1+1 is 2, becaus"]  # the second ran out of tokens before "Answer:"
     ids = torch.tensor([tok(t)["input_ids"] for t in texts])
     entropy = torch.linspace(0.1, 2.0, ids.numel()).view(ids.shape)
-    sample = GroupSample(ids, entropy, torch.ones_like(ids, dtype=torch.bool), "expand", 0, 0)
+    sample = Groups(ids, entropy, torch.ones_like(ids, dtype=torch.bool), torch.tensor([2]), (False,))
     cfg = TrainConfig.from_flat({"objective": "sega", "k": 2, "final_span": "marker", "marker_fallback": fallback})
-    scores, _ = SEGA(cfg, DistEnv.single(), [], tok).rate(sample, prompts=1)
+    scores, _ = SEGA(cfg, DistEnv.single(), [], tok).rate(sample)
     assert math.isfinite(scores[0, 0])
     assert math.isfinite(scores[0, 1]) == fallback
 

@@ -144,7 +144,7 @@ def test_sega_token_weights_shape_and_checks():
     assert_values(weights[:, 0], [0.25, -0.25, 0.125, -0.125])
     assert torch.equal(weights, weights[:, :1].expand(-1, 3))
     with pytest.raises(ValueError, match="advantages"):
-        sega_token_weights(torch.zeros(4), 2, width=3)
+        sega_token_weights(torch.zeros(2, 2, 2), 2, width=3)
     with pytest.raises(ValueError, match="groups"):
         sega_token_weights(torch.zeros(2, 2), 0, width=3)
 
