@@ -128,7 +128,7 @@ def _stop_on_signals(announce: bool) -> Iterator[dict[str, int]]:
     previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield received
-    except Exception:
+    except BaseException:  # DCP's CheckpointException derives from BaseException, not Exception
         if "again" in received:  # raised where it was wrapped in another exception (DCP's CheckpointException)
             raise again from None
         raise
