@@ -1,7 +1,7 @@
 """The GEM paper's ablation as one command: SFT only, full GEM, without the terminal entropy term, without the
 branching term, Cognitive Filtering + DPO, and the shuffled-advantage control, scored on the same held-out pairs.
 
-    python scripts/ablation.py [--out_dir outputs/ablation] [--task decision] [--labelled 16] [--unlabelled 32]
+    python scripts/ablation.py [--out_dir outputs/ablation] [--task decision] [--labelled 12] [--unlabelled 8]
 
 Every row starts from one SFT model trained on the labelled pairs. Eq. 1 is calibrated on those pairs
 (``gates.py --calibrate``, ranking bradley_terry so that the human pair can anchor the groups); nothing
@@ -136,9 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out_dir", default="outputs/ablation", help="folder of the run (must be empty or new)")
     p.add_argument("--task", choices=TASKS, default="decision", help="built-in task (data/<task>/) when no data "
                                                                     "files are given")
-    p.add_argument("--labelled", type=number(int, at_least=2), default=16, help="labelled pairs from the task's "
+    p.add_argument("--labelled", type=number(int, at_least=2), default=12, help="labelled pairs from the task's "
                                                                                 "training split")
-    p.add_argument("--unlabelled", type=number(int, at_least=0), default=32,
+    p.add_argument("--unlabelled", type=number(int, at_least=0), default=8,
                    help="further training prompts, unlabelled, for the GEM rows")
     p.add_argument("--eval_pairs", type=number(int, at_least=1), default=64, help="held-out pairs scored")
     p.add_argument("--labelled_jsonl", default=None, help="labelled pairs (instead of the task's)")
