@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_lm import char_tokenizer
 
-from gem_fast.adapters import (
+from gem_fast.data.formats import (
     FORMATS,
     check_disjoint,
     detect_file_format,
@@ -22,7 +22,7 @@ from gem_fast.adapters import (
     split_pairs,
     write_pairs_jsonl,
 )
-from gem_fast.readers import iter_rows
+from gem_fast.data.files import iter_rows
 from gem_fast.data import PreferencePair, load_preference_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
