@@ -259,8 +259,8 @@ SAMPLING_CASES = (
 
 def _sampling_model(config, shape: str, device: torch.device, dtype: torch.dtype, dry_run: bool):
     """The random-weight model of ``shape``: the assets' SmolLM2 config, or the same Llama config at the
-    Llama-3.2-1B sizes of :data:`gem_fast.shapes.PRESETS`."""
-    from gem_fast.shapes import PRESETS
+    Llama-3.2-1B sizes of :data:`gem_fast.plan.shapes.PRESETS`."""
+    from gem_fast.plan.shapes import PRESETS
 
     from .gpu_assets import random_model
 
