@@ -51,9 +51,8 @@ from .common import (
 )
 from gem_fast.kernels import resolve_backend
 from gem_fast.plan.shapes import PRESETS, ModelShape
-from gem_fast.models import (
-    DEFAULT_GGUF_FILE, apply_liger_layers, liger_layer_names, load_model, use_liger_layers,
-)
+from gem_fast.liger_layers import apply_liger_layers, liger_layer_names, use_liger_layers
+from gem_fast.models import DEFAULT_GGUF_FILE, load_model
 from gem_fast.distributed import parallelize
 from gem_fast.policy import PolicyLoss
 
