@@ -396,7 +396,7 @@ def sega(ctx: StageContext) -> None:
     random-weight SmolLM2-shaped model: sampling, Eq. 1 scores, Eq. 2 loss, optimizer; the per-step records
     with the step's time split into sampling, scoring, forward+backward and optimizer."""
     from gem_fast import train as train_module
-    from gem_fast.config import parse_config
+    from gem_fast.flags import parse_config
     from gem_fast.objectives.sega import SEGA
     from gem_fast.policy import PolicyLoss
 

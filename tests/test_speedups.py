@@ -22,8 +22,9 @@ from transformers.models.llama import modeling_llama
 
 from gem_fast.kernels import resolve_backend
 from gem_fast.liger_layers import apply_liger_layers, liger_layer_names
-from gem_fast.config import TrainConfig, parse_config
+from gem_fast.config import TrainConfig
 from gem_fast.distributed import DistEnv, parallelize
+from gem_fast.flags import parse_config
 from gem_fast.policy import PolicyLoss
 from gem_fast.train import build_policy
 from bench import train_step
