@@ -17,6 +17,6 @@ from gem_fast.data.encoding import (EncodedBatch, TokenizerLike, encode_pairs, e
 from gem_fast.data.records import (Completion, Message, PreferencePair, Prompt, load_completions, load_group_rows,
                                    load_preference_jsonl)
 
-__all__ = ["PreferencePair", "Message", "Prompt", "Completion", "EncodedBatch", "TokenizerLike", "load_preference_jsonl",
-           "load_completions", "load_group_rows", "encode_prompt_responses", "encode_pairs", "encode_prompts",
-           "join_prompt_and_generation"]
+__all__ = ["PreferencePair", "Message", "Prompt", "Completion", "EncodedBatch", "TokenizerLike",
+           "load_preference_jsonl", "load_completions", "load_group_rows", "encode_prompt_responses", "encode_pairs",
+           "encode_prompts", "join_prompt_and_generation"]

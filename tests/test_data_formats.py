@@ -1,4 +1,5 @@
-"""Dataset adapters: file readers, per-dataset formats, auto-detection, row errors, prompt split, CLI."""
+"""Dataset formats (gem_fast.data.formats): per-dataset formats, auto-detection, row errors, prompt split, the
+prepare_data CLI; and the file types of gem_fast.data.files (JSON, Parquet, datasets folders) read through them."""
 
 from __future__ import annotations
 
