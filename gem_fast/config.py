@@ -254,7 +254,7 @@ class TrainConfig:
         ``objective`` left out is "sega" when a sampling/SEGA field is named (a SEGA YAML), else "sft".
         Unknown names: KeyError; an alias beside its field: ValueError."""
         values = field_names(values, HF_ALIASES)
-        where = _fieldconfig_sections()
+        where = _field_sections()
         if "objective" not in values:
             values["objective"] = "sega" if any(where.get(n) in SEGA_SECTIONS for n in values) else "sft"
         if values["objective"] == "sega":
@@ -286,6 +286,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Section:
+    """One section of :class:`TrainConfig`: its field name and dataclass."""
+
     name: str
     type_: type
 
@@ -296,7 +298,7 @@ def config_sections() -> list[Section]:
     return [Section(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
-def _fieldconfig_sections() -> dict[str, str]:
+def _field_sections() -> dict[str, str]:
     return {f.name: s.name for s in config_sections() for f in dataclasses.fields(s.type_)}
 
 
