@@ -16,6 +16,7 @@ def ids(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_encode_marks_exactly_the_response_tokens(tok, padding_side):
     batch = encode_prompt_responses(tok, ["ab", "x"], ["c", "yz"], padding_side=padding_side)
     row0 = ids(tok, "abc") + [EOS]

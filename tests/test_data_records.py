@@ -24,7 +24,6 @@ def write_lines(tmp_path, lines: list[str]):
     return path
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_loader_reads_pairs_skips_blank_lines_and_keeps_subset_and_answer(tmp_path):
     path = write_lines(
         tmp_path,
