@@ -36,7 +36,7 @@ test-fast: setup
 # imports no transformers (test_kernels.py checks it), so they cannot see these versions.
 PINS ?= .ci/newest.txt
 OVERLAY = .ci/overlay-$(basename $(notdir $(PINS)))
-KERNEL_ONLY_TESTS = --ignore=tests/test_kernels.py --ignore=tests/test_kernel_memory.py --ignore=tests/test_kernel_plan.py
+KERNEL_ONLY_TESTS = --ignore=tests/test_kernels.py --ignore=tests/test_kernel_memory.py --ignore=tests/test_plan_kernel.py
 
 test-range: setup
 	PY=$(PY) bash .ci/overlay $(PINS) $(OVERLAY)

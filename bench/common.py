@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from gem_fast.shapes import ModelShape
+    from gem_fast.plan.shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def device_slug(device: torch.device) -> str:
 
 
 def random_llama(shape: "ModelShape", device: torch.device, *, seed: int = 0):
-    """fp32 ``LlamaForCausalLM`` of ``shape`` (a :class:`gem_fast.shapes.ModelShape`) with random
+    """fp32 ``LlamaForCausalLM`` of ``shape`` (a :class:`gem_fast.plan.shapes.ModelShape`) with random
     weights (init std 0.02) on ``device``, in training mode; attention as for a loaded model
     (:func:`gem_fast.models.choose_attn_implementation`). The global RNG is left as it was."""
     # Imported here: transformers takes seconds to import and most benchmark processes never build one.

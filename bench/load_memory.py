@@ -17,7 +17,7 @@ launcher's) read after the step, so it covers the loading and the step. Runs:
 - ``full_sharded``: the same with ``--init full`` (the path before meta init), for comparison.
 
 A peak is a single sample per rank (a high-water mark does not need warm-up; the step count is
-fixed). The planner's host-memory prediction per rank (:func:`gem_fast.memory_plan.host_load_bytes`)
+fixed). The planner's host-memory prediction per rank (:func:`gem_fast.plan.memory.host_load_bytes`)
 is written beside each measurement. Goal: every meta rank <= 0.65 x the unsharded peak.
 """
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from gem_fast.memory_plan import host_load_bytes
-from gem_fast.shapes import ModelShape
+from gem_fast.plan.memory import host_load_bytes
+from gem_fast.plan.shapes import ModelShape
 
 from .common import environment, peak_rss_bytes, random_llama, rss_bytes, write_results
 

@@ -1,4 +1,4 @@
-"""The memory planner (gem_fast.memory_plan) against measured CPU peaks, and its Llama-3-8B prediction.
+"""The memory planner (gem_fast.plan.memory) against measured CPU peaks, and its Llama-3-8B prediction.
 
     python -m bench.memory_plan              # measure the CPU cases, write bench/results/cpu/memory_plan.{json,md}
     python -m bench.memory_plan --quick      # the loss-heavy pair only, printed, nothing written
@@ -41,9 +41,9 @@ import torch.distributed as dist
 
 from gem_fast.config import TrainConfig, read_yaml
 from gem_fast.distributed import free_port
-from gem_fast.memory_plan import (GIB, Sampling, Setup, markdown_table, plan_memory,
-                                  setup_from_train_config)
-from gem_fast.shapes import ModelShape, model_shape
+from gem_fast.plan.memory import GIB, markdown_table, plan_memory
+from gem_fast.plan.workload import Sampling, Setup, setup_from_train_config
+from gem_fast.plan.shapes import ModelShape, model_shape
 
 from .common import PeakMemory, environment, random_llama, write_results
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"environment": environment(torch.device("cpu")), "wall_s": time.perf_counter() - began,
            "validation": rows, "llama3_8b_8xA100_80GB_prediction": records}
     md = (
-        "# Memory planner (gem_fast.memory_plan)\n\n"
+        "# Memory planner (gem_fast.plan.memory)\n\n"
         f"## Predicted vs measured, CPU ({doc['environment']['device']}, fp32, 1 thread per rank)\n\n"
         "One training step (forward + backward + AdamW step) of a random Llama through PolicyLoss + parallelize "
         "(FSDP2 over gloo for 2 ranks), or one SEGA `sample_group` call, measured as resident-set growth in a "

@@ -36,7 +36,7 @@ from gem_fast.data import EncodedBatch, join_prompt_and_generation
 from gem_fast.policy import PolicyLoss
 from gem_fast.prefix_sharing import pack_groups, resolve_prefix_sharing
 from gem_fast.sega import sega_token_weights
-from gem_fast.shapes import ModelShape
+from gem_fast.plan.shapes import ModelShape
 
 LAYOUTS = ("repeated", "shared")
 QUICK_SHAPE = ModelShape("tiny Llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,

@@ -259,8 +259,8 @@ SAMPLING_CASES = (
 
 def _sampling_model(config, shape: str, device: torch.device, dtype: torch.dtype, dry_run: bool):
     """The random-weight model of ``shape``: the assets' SmolLM2 config, or the same Llama config at the
-    Llama-3.2-1B sizes of :data:`gem_fast.shapes.PRESETS`."""
-    from gem_fast.shapes import PRESETS
+    Llama-3.2-1B sizes of :data:`gem_fast.plan.shapes.PRESETS`."""
+    from gem_fast.plan.shapes import PRESETS
 
     from .gpu_assets import random_model
 
@@ -396,7 +396,7 @@ def sega(ctx: StageContext) -> None:
     random-weight SmolLM2-shaped model: sampling, Eq. 1 scores, Eq. 2 loss, optimizer; the per-step records
     with the step's time split into sampling, scoring, forward+backward and optimizer."""
     from gem_fast import train as train_module
-    from gem_fast.config import parse_config
+    from gem_fast.flags import parse_config
     from gem_fast.objectives.sega import SEGA
     from gem_fast.policy import PolicyLoss
 

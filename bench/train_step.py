@@ -50,10 +50,9 @@ from .common import (
     random_llama, results_dir, status_counts, write_results,
 )
 from gem_fast.kernels import resolve_backend
-from gem_fast.shapes import PRESETS, ModelShape
-from gem_fast.models import (
-    DEFAULT_GGUF_FILE, apply_liger_layers, liger_layer_names, load_model, use_liger_layers,
-)
+from gem_fast.plan.shapes import PRESETS, ModelShape
+from gem_fast.liger_layers import apply_liger_layers, liger_layer_names, use_liger_layers
+from gem_fast.models import DEFAULT_GGUF_FILE, load_model
 from gem_fast.distributed import parallelize
 from gem_fast.policy import PolicyLoss
 

@@ -1,18 +1,15 @@
-"""Training configuration: typed sections and the one YAML + command-line parser that fills them.
+"""Training configuration: typed sections, and the YAML config files that fill them (:func:`read_yaml`,
+errors with file:line).
 
 A run is a :class:`TrainConfig` of sections (``run``, ``optim``, ``parallel``, ``sampling``,
-``sega``, ``pair``); functions take the sections they need. What users type is flat: every field
-is a ``--flag`` and a top-level YAML key of the same name (field names are unique across
-sections), e.g. ``--lr`` sets ``optim.lr``; nested YAML (``optim: {lr: 1e-5}``) is read as well.
-``--beta`` of ``train_sega.py`` is the SEGA reward temperature (the GEM README's flag); of
-``train_sft.py`` (DPO/IPO) it is the β of the implicit reward. The transformers/TRL names
-(``--learning_rate``, ``--output_dir``, ...: :data:`HF_ALIASES`) are aliases. Flag help comes from
-the fields, grouped by section.
+``sega``, ``pair``); functions take the sections they need. Field names are unique across
+sections, so a config file may be flat (``lr: 1e-5`` sets ``optim.lr``) or nested by section
+(``optim: {lr: 1e-5}``). The command line that fills the same fields (every field a ``--flag``,
+the transformers/TRL names of :data:`HF_ALIASES` as aliases) is :func:`gem_fast.flags.parse_config`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -23,12 +20,12 @@ import yaml
 
 # Light modules only: the scripts parse their arguments before torch and transformers load.
 from gem_fast.choices import BACKENDS, RATING_METHODS
-from gem_fast.errors import BOOL_ARG, ArgumentParser, UsageError, add_debug_flag, input_file, parse_bool
-from gem_fast.reporting import REPORT_TO, missing_package
+from gem_fast.errors import UsageError, input_file, parse_bool
+from gem_fast.reporting import REPORT_TO
 
 __all__ = ["RunConfig", "OptimConfig", "GuardConfig", "ParallelConfig", "SamplingConfig", "SegaConfig", "PairConfig",
-           "TrainConfig", "HF_ALIASES", "field_names", "parse_bool", "ConfigFile", "read_yaml",
-           "parse_config"]
+           "TrainConfig", "HF_ALIASES", "SEGA_ALIASES", "SEGA_SECTIONS", "PAIR_SECTIONS", "Section", "config_sections",
+           "field_names", "parse_bool", "ConfigFile", "read_yaml"]
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -220,13 +217,13 @@ class PairConfig(_Bounded):
 
 
 # Sections only one family of objectives reads; the other's flags are not offered.
-_SEGA_SECTIONS = ("sampling", "sega")
-_PAIR_SECTIONS = ("pair",)
+SEGA_SECTIONS = ("sampling", "sega")
+PAIR_SECTIONS = ("pair",)
 # Run fields a resumed run must keep (unless --allow_config_change); the others are bookkeeping.
 _TRAINING_RUN_FIELDS = ("model_name_or_path", "objective", "epochs", "max_steps", "batch_size", "grad_accum",
                         "max_length", "seed", "chat_template")
 # Flat names kept for what users type today: SEGA's `beta` is its reward temperature.
-_SEGA_ALIASES = {"beta": "reward_temperature"}
+SEGA_ALIASES = {"beta": "reward_temperature"}
 # transformers' TrainingArguments / TRL names of the same settings, as flags and YAML keys.
 HF_ALIASES = {"learning_rate": "lr", "output_dir": "out_dir", "per_device_train_batch_size": "batch_size",
               "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs"}
@@ -259,16 +256,16 @@ class TrainConfig:
         values = field_names(values, HF_ALIASES)
         where = _field_sections()
         if "objective" not in values:
-            values["objective"] = "sega" if any(where.get(n) in _SEGA_SECTIONS for n in values) else "sft"
+            values["objective"] = "sega" if any(where.get(n) in SEGA_SECTIONS for n in values) else "sft"
         if values["objective"] == "sega":
             # Beside reward_temperature, `beta` is the pair section's own field (what to_flat writes).
-            values = field_names(values, {a: n for a, n in _SEGA_ALIASES.items() if n not in values})
+            values = field_names(values, {a: n for a, n in SEGA_ALIASES.items() if n not in values})
         if unknown := sorted(set(values) - set(where)):
             raise KeyError(f"unknown config keys {unknown}")
         by_section: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
             by_section.setdefault(where[name], {})[name] = value
-        return cls(**{s.name: s.type_(**by_section.get(s.name, {})) for s in _sections()})
+        return cls(**{s.name: s.type_(**by_section.get(s.name, {})) for s in config_sections()})
 
     def to_flat(self) -> dict[str, Any]:
         """Every field by its flat name (what ``train_config.json`` holds)."""
@@ -281,25 +278,28 @@ class TrainConfig:
     def training_settings(self) -> dict[str, Any]:
         """The fields by flat name whose change alters what a resumed run computes: the run fields in
         ``_TRAINING_RUN_FIELDS`` and every field of the optimizer and the objective's sections."""
-        own = {"sega": _SEGA_SECTIONS, "dpo": _PAIR_SECTIONS, "ipo": _PAIR_SECTIONS}.get(self.run.objective, ())
+        own = {"sega": SEGA_SECTIONS, "dpo": PAIR_SECTIONS, "ipo": PAIR_SECTIONS}.get(self.run.objective, ())
         sections = ("optim", *own)
         flat = {k: v for name in sections for k, v in dataclasses.asdict(getattr(self, name)).items()}
         return {**{k: getattr(self.run, k) for k in _TRAINING_RUN_FIELDS}, **flat}
 
 
 @dataclass(frozen=True)
-class _Section:
+class Section:
+    """One section of :class:`TrainConfig`: its field name and dataclass."""
+
     name: str
     type_: type
 
 
-def _sections() -> list[_Section]:
+def config_sections() -> list[Section]:
+    """The sections of :class:`TrainConfig` in order, each with its dataclass."""
     hints = typing.get_type_hints(TrainConfig)
-    return [_Section(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+    return [Section(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
 def _field_sections() -> dict[str, str]:
-    return {f.name: s.name for s in _sections() for f in dataclasses.fields(s.type_)}
+    return {f.name: s.name for s in config_sections() for f in dataclasses.fields(s.type_)}
 
 
 def field_names(values: dict[str, Any], aliases: dict[str, str], *, spell: str = "keys {} and {}") -> dict[str, Any]:
@@ -313,34 +313,6 @@ def field_names(values: dict[str, Any], aliases: dict[str, str], *, spell: str =
             raise ValueError(f"{spell.format(alias, name)} set the same field; give one of them")
         renamed[name] = renamed.pop(alias)
     return renamed
-
-
-def _arg_spec(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
-    """argparse keywords for a field (also used to coerce YAML strings such as 1e-5)."""
-    shown = "" if f.default in (None, "") else f" (default: {f.default})"
-    spec: dict[str, Any] = {"help": f.metadata["help"] + shown}
-    if "choices" in f.metadata:
-        return {**spec, "choices": f.metadata["choices"]}
-    if typing.get_origin(hint) is Literal:
-        return {**spec, "choices": typing.get_args(hint)}
-    if hint is bool:
-        return {**spec, **BOOL_ARG}
-    if hint in (int, float):
-        return {**spec, "type": hint}
-    return {**spec, "type": str}  # str and str | None
-
-
-class _OneSpelling(argparse.Action):
-    """Stores a field's value; a field named twice, by two of its spellings (``--lr`` and
-    ``--learning_rate``), is a usage error naming both."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        used = getattr(namespace, "_spelling", {})
-        if used.setdefault(self.dest, option_string) != option_string:
-            parser.error(f"{used[self.dest]} and {option_string} set the same field; give one of them")
-        namespace._spelling = used
-        setattr(namespace, self.dest, values)
 
 
 class ConfigFile(dict):
@@ -385,7 +357,7 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> Conf
         raise UsageError(f"{where}: invalid YAML ({what})") from None
     if not isinstance(loaded, dict):
         raise UsageError(f"{path}: expected a mapping of config keys, got a YAML {type(loaded).__name__}")
-    by_name = {s.name: s.type_ for s in _sections() if sections is None or s.name in sections}
+    by_name = {s.name: s.type_ for s in config_sections() if sections is None or s.name in sections}
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
         if not isinstance(value, dict):
@@ -398,85 +370,3 @@ def read_yaml(path: str | Path, sections: tuple[str, ...] | None = None) -> Conf
             raise UsageError(f"{path}: unknown keys {unknown} in section {key!r}")
         flat.update(value)
     return ConfigFile(path, flat, lines)
-
-
-_YAML_KINDS = {int: "an integer", float: "a number", parse_bool: "true or false"}
-
-
-def _yaml_value(name: str, value: Any, spec: dict[str, Any], where: str) -> Any:
-    """A YAML value as the flag's type, or :class:`UsageError` at ``where`` (file:line) naming the key.
-    YAML 1.1 leaves 1e-5 a string and reads a bare on/off as a bool: both are taken as meant."""
-    kind = spec.get("type")
-    if isinstance(value, bool) and "on" in spec.get("choices", ()):
-        value = "on" if value else "off"
-    fits = {int: isinstance(value, int) and not isinstance(value, bool),
-            float: isinstance(value, (int, float)) and not isinstance(value, bool),
-            parse_bool: isinstance(value, bool)}.get(kind, True)
-    if not fits and isinstance(value, str):
-        try:
-            value, fits = kind(value), True
-        except (ValueError, argparse.ArgumentTypeError):
-            pass
-    if not fits:
-        raise UsageError(f"{where}: {name} must be {_YAML_KINDS[kind]}, got {value!r}")
-    if kind is str and isinstance(value, (list, dict)):
-        raise UsageError(f"{where}: {name} must be a single value, got {value!r}")
-    if "choices" in spec and value not in spec["choices"]:
-        raise UsageError(f"{where}: {name} must be one of {spec['choices']}, got {value!r}")
-    return value
-
-
-def parse_config(argv: list[str] | None, *, objective: str, description: str) -> TrainConfig:
-    """TrainConfig from ``--config file.yaml`` and then CLI flags (a flag given wins over YAML).
-
-    Every field is a ``--flag`` (``--resume`` alone means true), listed in ``--help`` under its
-    section with its :data:`HF_ALIASES` spelling. ``objective`` "sega" fixes the objective and
-    offers the sampling/SEGA sections (``--beta``: the reward temperature); otherwise it is the
-    default of ``--objective`` (sft, dpo, ipo) and the pair section is offered. Unknown flags
-    (with the closest one), unknown YAML keys, YAML values of the wrong type (with file:line) and a
-    field given under two names in one place stop with a one-line usage error naming them.
-    Imports no torch: run it before the training modules load.
-    """
-    sega = objective == "sega"
-    hidden = _PAIR_SECTIONS if sega else _SEGA_SECTIONS
-    aliases = {**HF_ALIASES, **(_SEGA_ALIASES if sega else {})}
-    parser = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of config fields (flat, or nested by section); flags win")
-    add_debug_flag(parser)
-    specs: dict[str, dict[str, Any]] = {}
-    for section in _sections():
-        if section.name in hidden:
-            continue
-        group = parser.add_argument_group(section.name, section.type_.__doc__)
-        hints = typing.get_type_hints(section.type_)
-        for f in dataclasses.fields(section.type_):
-            if f.name == "objective" and sega:
-                continue
-            specs[f.name] = _arg_spec(f, hints[f.name])
-            if f.name == "objective":
-                specs[f.name]["choices"] = ("sft", "dpo", "ipo")
-            spellings = [f"--{f.name}", *(f"--{a}" for a, n in aliases.items() if n == f.name)]
-            group.add_argument(*spellings, action=_OneSpelling, **specs[f.name])
-    cli = vars(parser.parse_args(argv))
-    cli.pop("_spelling", None)
-    cli.pop("debug", None)  # read by gem_fast.errors.entry_point
-    values: dict[str, Any] = {"objective": objective}
-    if "config" in cli:
-        path = cli.pop("config")
-        raw = read_yaml(path, tuple(s.name for s in _sections() if s.name not in hidden))
-        try:
-            loaded = field_names(raw, aliases, spell=f"{path}: keys {{}} and {{}}")
-        except ValueError as exc:  # a key under two names; a bad file is a UsageError already
-            raise UsageError(str(exc)) from None
-        if unknown := sorted(set(loaded) - set(specs)):
-            parser.error(f"{path}: unknown keys {unknown} for {objective}")
-        spelled = {aliases.get(key, key): key for key in raw}
-        for name, value in loaded.items():
-            try:
-                values[name] = _yaml_value(name, value, specs[name], raw.where(spelled[name]))
-            except UsageError as exc:
-                parser.error(str(exc))
-    values.update(cli)
-    if why := missing_package(values.get("report_to", "none")):
-        parser.error(why)  # before any model loads
-    return TrainConfig.from_flat(values)

@@ -41,7 +41,8 @@ from gem_fast.distributed import DistEnv, all_reduce_sum, clip_grad_norm, parall
 from gem_fast.errors import Interrupted, UsageError, user_input
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError
 from gem_fast.kernels import resolve_backend
-from gem_fast.models import apply_liger_layers, load_for_training, use_liger_layers
+from gem_fast.liger_layers import apply_liger_layers, use_liger_layers
+from gem_fast.models import load_for_training
 from gem_fast.objectives import StopRequested, make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 from gem_fast.prefix_sharing import resolve_prefix_sharing

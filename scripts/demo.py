@@ -46,7 +46,7 @@ from gem_fast.config import read_yaml
 from gem_fast.eval import paired_bootstrap_ci
 from gem_fast.gates import Gates
 from gem_fast.kernels import resolve_backend
-from gem_fast.synthetic import TASKS
+from gem_fast.data.synthetic import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Settings fixed in advance, the same for every trained stage where they apply (not tuned on held-out pairs).

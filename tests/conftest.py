@@ -24,3 +24,13 @@ def tok():
     from tiny_lm import char_tokenizer  # imported here: after TRITON_INTERPRET is set above
 
     return char_tokenizer()
+
+
+@pytest.fixture
+def llama_module_restored(monkeypatch):
+    """Puts Liger's process-wide patches of modeling_llama back after the test (RoPE, layer classes)."""
+    pytest.importorskip("liger_kernel")  # an optional dependency
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))

@@ -13,12 +13,13 @@ import torch
 from tiny_lm import tiny_model
 
 from gem_fast.calibration import NO_SIGNAL, Setting, calibrate, default_grid, pair_entropies, setting_correct
-from gem_fast.config import SamplingConfig, SegaConfig, parse_config
+from gem_fast.config import SamplingConfig, SegaConfig
 from gem_fast.data import PreferencePair, encode_pairs
+from gem_fast.data.synthetic import final_answer
+from gem_fast.flags import parse_config
 from gem_fast.gates import candidate_gates, greedy_completions, greedy_task_accuracy, pair_scores, spearman
 from gem_fast.logprobs import pair_logprobs
 from gem_fast.scoring import entropy_score, final_mask_last_fraction
-from gem_fast.synthetic import final_answer
 
 PAIRS = [PreferencePair(f"Is {i} x 3 more than {3 * i - 1}?", f"{i} x 3 = {3 * i}, so yes. Answer: yes",
                         f"{i} x 3 = {3 * i - 2}, so no. Answer: no") for i in range(2, 7)]

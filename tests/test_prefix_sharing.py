@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_lm import char_tokenizer, tiny_model
 
-from gem_fast.config import parse_config
+from gem_fast.flags import parse_config
 from gem_fast.distributed import free_port, parallelize
 from gem_fast.data import EncodedBatch, PreferencePair, encode_pairs, encode_prompts, join_prompt_and_generation
 from gem_fast.logprobs import PairLogprobs

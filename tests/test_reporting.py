@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_lm import run_config, write_run_inputs
 
-from gem_fast.config import parse_config
+from gem_fast.flags import parse_config
 from gem_fast.objectives.sega import SampleLog
 from gem_fast.reporting import Reporter
 from gem_fast.sega import sega_advantages

@@ -1,9 +1,9 @@
-"""Non-vocab speed-ups of the training engine: Liger-Kernel layers and torch.compile per decoder layer (CPU),
-and the training-step benchmark's quick mode.
+"""Non-vocab speed-ups of the training engine: Liger-Kernel layers' numerics (their selection and patching:
+test_liger_layers.py) and torch.compile per decoder layer (CPU), and the training-step benchmark's quick mode.
 
 Liger's RMSNorm and SwiGLU Triton kernels do not run under the Triton 3.9 interpreter (it hands
-float scalar arguments to the kernel as Python floats, which have no ``.to``), so on a CPU their
-patching and selection are tested, and their numerics only on a GPU. Liger's RoPE kernel does run
+float scalar arguments to the kernel as Python floats, which have no ``.to``), so their numerics
+are tested only on a GPU. Liger's RoPE kernel does run
 in the interpreter: its loss and gradients are compared with Hugging Face's.
 """
 
@@ -20,11 +20,11 @@ from tiny_lm import char_tokenizer, tiny_model
 from torch._dynamo.utils import counters
 from transformers.models.llama import modeling_llama
 
-from gem_fast import models
 from gem_fast.kernels import resolve_backend
-from gem_fast.models import apply_liger_layers, liger_layer_names, use_liger_layers
-from gem_fast.config import TrainConfig, parse_config
+from gem_fast.liger_layers import apply_liger_layers, liger_layer_names
+from gem_fast.config import TrainConfig
 from gem_fast.distributed import DistEnv, parallelize
+from gem_fast.flags import parse_config
 from gem_fast.policy import PolicyLoss
 from gem_fast.train import build_policy
 from bench import train_step
@@ -34,14 +34,6 @@ ROPE = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"
 # fp32 on CPU, same math in another order (Triton RoPE; inductor's fused kernels).
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
-
-
-@pytest.fixture
-def llama_module_restored(monkeypatch):
-    """Puts Liger's process-wide patches of modeling_llama back after the test (RoPE, layer classes)."""
-    pytest.importorskip("liger_kernel")  # an optional dependency
-    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
-        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
 
 
 def _batch(vocab: int, rows: int = 2, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -64,58 +56,6 @@ def _assert_same(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict]) -> 
     assert a[1].keys() == b[1].keys()
     for name, grad in a[1].items():
         torch.testing.assert_close(b[1][name], grad, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
-
-
-def test_liger_selection_auto_on_off(monkeypatch, caplog):
-    pytest.importorskip("liger_kernel")
-    with caplog.at_level(logging.INFO, logger="gem_fast.models"):
-        assert use_liger_layers("auto", "cpu", "llama") is False
-    assert "Liger layers off (liger_layers='auto': its Triton kernels need CUDA, the device is cpu)" in caplog.text
-    assert use_liger_layers("off", "cuda", "llama") is False
-    with pytest.raises(ValueError, match="liger_layers='on': its Triton kernels need CUDA"):
-        use_liger_layers("on", CPU, "llama")
-    # CUDA: on when liger-kernel can patch the model type (no GPU needed to decide)
-    assert use_liger_layers("auto", "cuda", "llama") is True
-    assert use_liger_layers("on", "cuda:0", "mistral") is True
-    assert use_liger_layers("auto", "cuda", "gpt2") is False
-    with pytest.raises(ValueError, match="'gpt2' is not one of the Llama-layout types"):
-        use_liger_layers("on", "cuda", "gpt2")
-    # Liger patches MoE experts and other norm layouts differently: auto stays off, not a crash.
-    for model_type in ("mixtral", "olmo2"):
-        assert use_liger_layers("auto", "cuda", model_type) is False
-    for model_type in models.LIGER_MODEL_TYPES:
-        assert use_liger_layers("on", "cuda", model_type) is True, model_type
-    with pytest.raises(ValueError, match="^liger_layers: expected"):
-        use_liger_layers("yes", "cuda", "llama")
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name: None if name == "liger_kernel" else real_find_spec(name))
-    assert use_liger_layers("auto", "cuda", "llama") is False
-    with pytest.raises(ValueError, match="liger-kernel is not installed"):
-        use_liger_layers("on", "cuda", "llama")
-    with pytest.raises(ValueError, match="liger-kernel is not installed"):
-        apply_liger_layers(tiny_model(char_tokenizer()))
-
-
-def test_apply_liger_layers_patches_this_instance_and_rope(llama_module_restored):
-    tokenizer = char_tokenizer()
-    model = tiny_model(tokenizer)
-    assert liger_layer_names(model) == []
-    names = apply_liger_layers(model)
-    layers = [f"model.layers.{i}" for i in range(2)]
-    expected = [f"{p}.{n}" for p in layers for n in ("mlp", "input_layernorm", "post_attention_layernorm")]
-    assert names == [*expected, "model.norm", ROPE]
-    modules = dict(model.named_modules())
-    for name in expected + ["model.norm"]:
-        kind = "LigerSwiGLUMLP" if name.endswith("mlp") else "LigerRMSNorm"
-        assert modules[name]._get_name() == kind
-        assert modules[name].forward.__func__.__qualname__ == f"{kind}.forward"  # Liger's forward is what runs
-    assert modeling_llama.apply_rotary_pos_emb.__module__ == "liger_kernel.transformers.rope"
-    # Liger also swaps the layer classes for later models: undone, only RoPE stays module-wide.
-    assert modeling_llama.LlamaRMSNorm.__module__ == modeling_llama.LlamaMLP.__module__ == modeling_llama.__name__
-    assert liger_layer_names(tiny_model(tokenizer)) == [ROPE]
-    # parameter names as unpatched: checkpoints and the HF export are unaffected
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in tiny_model(tokenizer).named_parameters()]
 
 
 def test_liger_rope_matches_hugging_face_under_the_interpreter(llama_module_restored, monkeypatch):

@@ -16,7 +16,7 @@ from tiny_lm import char_tokenizer, join_gloo, run_config, tiny_model, write_run
 from gem_fast.data import load_preference_jsonl
 from gem_fast.logprobs import pair_logprobs, response_targets
 from gem_fast.models import load_model_and_tokenizer
-from gem_fast.config import parse_config
+from gem_fast.flags import parse_config
 from gem_fast.distributed import DistEnv, free_port, parallelize
 from gem_fast.objectives import SFT
 from gem_fast.objectives.pairs import reference_logprobs

@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from gem_fast.config import parse_config
 from gem_fast.errors import entry_point
+from gem_fast.flags import parse_config
 from gem_fast.run_dir import checked_paths
 
 SFT_DESCRIPTION = ("Supervised fine-tuning (GEM stage A) on {prompt, completion} rows, chat {messages} rows or the "

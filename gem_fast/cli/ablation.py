@@ -48,7 +48,7 @@ from gem_fast.config import SamplingConfig, SegaConfig, parse_bool, read_yaml
 from gem_fast.errors import UsageError, add_debug_flag, entry_point, input_file, number, output_dir
 from gem_fast.eval import paired_bootstrap_ci
 from gem_fast.kernels import resolve_backend
-from gem_fast.synthetic import TASKS
+from gem_fast.data.synthetic import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL = "full GEM"

@@ -1,4 +1,4 @@
-"""Extra memory and time of gem_fast's kernels at one shape, predicted (gem_fast/kernels/plan.py).
+"""Extra memory and time of gem_fast's kernels at one shape, predicted (gem_fast/plan/kernel.py).
 
     python scripts/plan_kernel.py                                  # the GPU goal shape, bf16
     python scripts/plan_kernel.py --tokens 4096 --hidden 576 --vocab 49152 --dtype fp32 --device cpu
@@ -7,7 +7,7 @@ Prints a markdown table: per op (forward+backward) and backend, the chunk rows, 
 beyond inputs and their gradients, GEMM FLOPs, and the time of the GEMMs and of the row passes
 predicted from a matmul rate and a memory bandwidth (defaults: bf16 dense ~790 TFLOP/s and ~3.0 TB/s, as measured on an H100/H200
 by others; pass the rates of your device). The memory model is checked against op-by-op traces
-and a resident-memory probe by tests/test_kernel_plan.py; the times are a model, not a measurement.
+and a resident-memory probe by tests/test_plan_kernel.py; the times are a model, not a measurement.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from gem_fast.errors import ArgumentParser, add_debug_flag, entry_point, number
 from gem_fast.kernels.chunked import DW_ACCUMULATIONS
-from gem_fast.kernels.plan import OPS, KernelPlan, plan_kernel
+from gem_fast.plan.kernel import OPS, KernelPlan, plan_kernel
 
 ELEMENT_SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MIB = 2**20

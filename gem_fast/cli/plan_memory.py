@@ -8,7 +8,7 @@
 Prints a markdown table: the terms of each loss's peak phase, every phase's total (end of
 forward, backward, end of backward, optimizer step, SEGA prefill and decode), the fixed
 allowances and whether the peak fits ``--gpu_memory_gib``. The model is an analytic one
-(gem_fast/memory_plan.py), checked against measured CPU peaks by ``python -m bench.memory_plan``.
+(gem_fast/plan/memory.py), checked against measured CPU peaks by ``python -m bench.memory_plan``.
 
 The flags are the training config's (:mod:`gem_fast.config`; ``--micro_batch`` and ``--seq_len``
 are older names of ``--batch_size`` and ``--max_length``). SEGA (``--k`` given, or a SEGA YAML):
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gem_fast.config import TrainConfig, parse_bool, read_yaml
 from gem_fast.errors import ArgumentParser, UsageError, add_debug_flag, entry_point, number
-from gem_fast.shapes import PRESETS, model_shape
+from gem_fast.plan.shapes import PRESETS, model_shape
 
 NOT_MODELLED = (
     "Not modelled: allocator fragmentation beyond the fixed allowance, the first step's lazy AdamW "
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # torch only now that the arguments are known to be good
-    from gem_fast.memory_plan import host_load_bytes, markdown_table, plan_memory, setup_from_train_config
+    from gem_fast.plan.memory import host_load_bytes, markdown_table, plan_memory
+    from gem_fast.plan.workload import setup_from_train_config
 
     config: dict = {}
     if args.config is not None:

@@ -4,7 +4,7 @@
         --out_dir data/skywork --test_fraction 0.1 --seed 0
 
 The input is a .jsonl, .json or .parquet file or a folder saved by datasets' save_to_disk;
---format is one of gem_fast.adapters.FORMATS or auto (detected from the first row). Writes
+--format is one of gem_fast.data.formats.FORMATS or auto (detected from the first row). Writes
 OUT_DIR/train.jsonl and OUT_DIR/test.jsonl as {"prompt", "chosen", "rejected"[, "subset"]}
 with no prompt in both, and prints the counts. Existing train/test files are kept unless --overwrite.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gem_fast.adapters import (
+from gem_fast.data.formats import (
     FORMATS,
     PREFERENCES,
     detect_file_format,

@@ -1,7 +1,7 @@
 """Model shapes: the sizes of a Llama-shaped decoder that memory plans and benchmarks depend on.
 
 One place for :class:`ModelShape` and the :data:`PRESETS` the memory planner
-(:mod:`gem_fast.memory_plan`) and the benchmarks (``bench/``) share.
+(:mod:`gem_fast.plan.memory`) and the benchmarks (``bench/``) share.
 """
 
 from __future__ import annotations

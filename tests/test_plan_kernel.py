@@ -1,5 +1,5 @@
 """The kernels' GPU-path rules, checked on a CPU: GEMM operand dtypes, FLOPs and every temporary,
-traced op by op at the goal shape on meta tensors, and the memory model of gem_fast.kernels.plan
+traced op by op at the goal shape on meta tensors, and the memory model of gem_fast.plan.kernel
 against that trace and against the resident-memory probe."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gem_fast.kernels import chunked, entropy_from_logits, fused_logprob_entropy, weighted_logprob_loss
-from gem_fast.kernels.plan import PER_TOKEN_BYTES, plan_kernel
+from gem_fast.plan.kernel import PER_TOKEN_BYTES, plan_kernel
 from op_trace import OpTrace
 
 GOAL = (32768, 4096, 128256)  # tokens, hidden, Llama-3 vocab

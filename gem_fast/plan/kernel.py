@@ -2,7 +2,7 @@
 
 An analytic model of :mod:`gem_fast.kernels.chunked` at any shape (the GPU goal shape included),
 checked on a CPU against an op-by-op trace of the same calls on meta tensors (every allocation,
-the peak of live ones) and against the resident-memory probe (tests/test_kernel_plan.py).
+the peak of live ones) and against the resident-memory probe (tests/test_plan_kernel.py).
 
 "Extra" memory is what a call allocates beyond its inputs, their gradients and its outputs'
 per-token vectors: for the fused backends, one ``[chunk, V]`` block in the input dtype, the torch
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chunked import BLOCK_BYTES, DW_ACCUMULATIONS, chunk_rows
+from gem_fast.kernels.chunked import BLOCK_BYTES, DW_ACCUMULATIONS, chunk_rows
 
 OPS = ("weighted_loss", "logprob_entropy", "entropy")
 PLAN_BACKENDS = ("naive", "torch", "triton")

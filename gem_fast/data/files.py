@@ -4,7 +4,7 @@ JSON Lines, ``path[index]`` (0-based) otherwise.
 JSON Lines (``.jsonl``, or a ``.json`` file that does not start with ``[``), JSON (a ``.json``
 list of rows), Parquet (``.parquet``, via pyarrow) and folders written by Hugging Face
 ``datasets``' ``save_to_disk`` (needs the ``datasets`` library). The one JSON Lines reader,
-:func:`jsonl_rows`, serves :func:`gem_fast.data.load_preference_jsonl` and :func:`iter_rows`.
+:func:`jsonl_rows`, serves :func:`gem_fast.data.records.load_preference_jsonl` and :func:`iter_rows`.
 """
 
 from __future__ import annotations

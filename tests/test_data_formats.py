@@ -1,4 +1,5 @@
-"""Dataset adapters: file readers, per-dataset formats, auto-detection, row errors, prompt split, CLI."""
+"""Dataset formats (gem_fast.data.formats): per-dataset formats, auto-detection, row errors, prompt split, the
+prepare_data CLI; and the file types of gem_fast.data.files (JSON, Parquet, datasets folders) read through them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny_lm import char_tokenizer
 
-from gem_fast.adapters import (
+from gem_fast.data.formats import (
     FORMATS,
     check_disjoint,
     detect_file_format,
@@ -22,7 +23,7 @@ from gem_fast.adapters import (
     split_pairs,
     write_pairs_jsonl,
 )
-from gem_fast.readers import iter_rows
+from gem_fast.data.files import iter_rows
 from gem_fast.data import PreferencePair, load_preference_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from gem_fast.synthetic import ANSWER_MARKER, TASKS, final_answer, task_pairs, write_task_splits
+from gem_fast.data.synthetic import ANSWER_MARKER, TASKS, final_answer, task_pairs, write_task_splits
 
 
 def _equations_hold(chain: str) -> bool:

@@ -1,6 +1,7 @@
 """Per-rank peak memory of a ``gem_fast.train`` step, from the model's shape: naive loss vs fused.
 
-An analytic model, term by term, of what the engine allocates (every size in bytes):
+The step is a :class:`~gem_fast.plan.workload.Setup` (rows, lengths, loss path, device, sharding,
+SEGA sampling). An analytic model, term by term, of what the engine allocates (every size in bytes):
 
 * persistent: fp32 master parameters and AdamW's two fp32 states, sharded ``÷ world`` under FSDP2;
   fp32 gradients (``÷ world``) from the end of backward to ``zero_grad(set_to_none=True)``;
@@ -14,7 +15,7 @@ An analytic model, term by term, of what the engine allocates (every size in byt
 * the loss: ``naive`` holds the ``[positions, V]`` logits and the float32 copies autograd keeps
   for log-softmax, entropy and their gradients (:func:`naive_loss_bytes`); ``fused`` drops the
   prompt and padding rows and holds one ``[chunk, V]`` block at a time and the gradients it
-  returns (:func:`fused_loss_bytes`, from the kernels' own model :mod:`gem_fast.kernels.plan`);
+  returns (:func:`fused_loss_bytes`, from the kernels' own model :mod:`gem_fast.plan.kernel`);
 * SEGA sampling (``gem_fast.sampling``, ``shared_prefix``): the whole model gathered, the prompt
   K/V once per prompt, the k candidates' own K/V, the prefill's per-layer working set and the
   sampler's ``[B·k, V]`` temporaries.
@@ -34,114 +35,21 @@ whole fp32 model and the safetensors pages it read on every rank; ``--init meta`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Mapping
+from typing import Literal, Mapping
 
-from gem_fast.config import TrainConfig
 from gem_fast.kernels.chunked import BLOCK_BYTES, chunk_rows
-from gem_fast.kernels.plan import naive_loss_bytes, plan_kernel
-from gem_fast.shapes import ModelShape
+from gem_fast.plan.kernel import naive_loss_bytes, plan_kernel
+from gem_fast.plan.shapes import ModelShape
+from gem_fast.plan.workload import Setup
 
 __all__ = [
-    "GIB", "Sampling", "Setup", "Precision", "Term", "Phase", "Plan", "precision", "rmsnorm_bytes_per_token", "layer_activation_bytes_per_token", "naive_loss_bytes",
-    "fused_loss_bytes", "plan_memory", "setup_from_train_config", "markdown_table", "host_load_bytes",
+    "GIB", "Precision", "Term", "Phase", "Plan", "precision", "rmsnorm_bytes_per_token",
+    "layer_activation_bytes_per_token", "fused_loss_bytes", "plan_memory", "markdown_table", "host_load_bytes",
 ]
 
 GIB = 2**30
 FP32 = 4
 BOOL = 1
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """SEGA's sampling phase per rank: ``prompts`` prompts of ``prompt_len`` tokens, k candidates of
-    ``new_tokens`` each (``gem_fast.sampling.sample_group`` with ``shared_prefix``, top-p < 1)."""
-
-    prompts: int
-    k: int
-    prompt_len: int
-    new_tokens: int
-
-
-def _check_count(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: must be an int >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One rank of a training run.
-
-    ``micro_batch`` rows of ``seq_len`` tokens go through one forward+backward (for SEGA that is
-    prompts × k candidate rows of prompt + generated tokens). ``response_len``: tokens per row
-    the loss scores (the fused kernels drop prompt and padding rows before the logit GEMM; the
-    naive path computes every position); None: all ``seq_len - 1``. ``device`` "cuda": bf16
-    compute (FSDP2 mixed precision for ``world_size > 1``, autocast on one GPU); "cpu": fp32.
-    ``attention`` None: FlashAttention on CUDA, SDPA on the CPU. ``liger_layers`` None: on for
-    CUDA (the engine's ``liger_layers: auto`` with liger-kernel installed), off on the CPU.
-    Batches are taken to be padded (SFT right padding, SEGA prompt and post-EOS padding), which
-    decides how HF runs SDPA.
-    """
-
-    world_size: int = 1
-    micro_batch: int = 1
-    seq_len: int = 1024
-    response_len: int | None = None
-    loss: Literal["naive", "fused"] = "fused"
-    activation_checkpointing: bool = False
-    device: Literal["cuda", "cpu"] = "cuda"
-    attention: Literal["flash", "sdpa"] | None = None
-    liger_layers: bool | None = None
-    sampling: Sampling | None = None
-
-    def __post_init__(self) -> None:
-        _check_count("world_size", self.world_size)
-        _check_count("micro_batch", self.micro_batch)
-        _check_count("seq_len", self.seq_len, minimum=2)  # at least one predicted token
-        if self.response_len is not None:
-            _check_count("response_len", self.response_len)
-            if self.response_len > self.seq_len - 1:
-                raise ValueError(f"response_len: {self.response_len} exceeds the seq_len - 1 = "
-                                 f"{self.seq_len - 1} predicted positions")
-        if self.loss not in ("naive", "fused"):
-            raise ValueError(f"loss: expected 'naive' or 'fused', got {self.loss!r}")
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"device: expected 'cuda' or 'cpu', got {self.device!r}")
-        if self.attention not in (None, "flash", "sdpa"):
-            raise ValueError(f"attention: expected 'flash', 'sdpa' or None, got {self.attention!r}")
-        if self.attention == "flash" and self.device == "cpu":
-            raise ValueError("attention: FlashAttention needs device='cuda'")
-        if self.liger_layers and self.device == "cpu":
-            raise ValueError("liger_layers: Liger's Triton layers need device='cuda'")
-        if self.sampling is not None:
-            for name in ("prompts", "k", "prompt_len", "new_tokens"):
-                _check_count(f"sampling.{name}", getattr(self.sampling, name))
-
-    @property
-    def sharded(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def attention_kind(self) -> str:
-        return self.attention or ("flash" if self.device == "cuda" else "sdpa")
-
-    @property
-    def liger(self) -> bool:
-        return self.device == "cuda" if self.liger_layers is None else self.liger_layers
-
-    @property
-    def tokens(self) -> int:
-        """Tokens through the decoder per micro-step."""
-        return self.micro_batch * self.seq_len
-
-    @property
-    def positions(self) -> int:
-        """Hidden states the loss receives: the last position of each row predicts nothing."""
-        return self.micro_batch * (self.seq_len - 1)
-
-    @property
-    def scored(self) -> int:
-        """Positions with a target (response tokens): the rows the fused kernels compute."""
-        return self.micro_batch * (self.seq_len - 1 if self.response_len is None else self.response_len)
 
 
 @dataclass(frozen=True)
@@ -198,7 +106,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, prec: Precision, attenti
 
 def fused_loss_bytes(tokens: int, hidden: int, vocab: int, prec: Precision, device: str) -> int:
     """Peak bytes of ``weighted_logprob_loss`` on the fused path, which computes its gradients in
-    the forward: the kernel's extra memory (:func:`gem_fast.kernels.plan.plan_kernel`: one
+    the forward: the kernel's extra memory (:func:`gem_fast.plan.kernel.plan_kernel`: one
     ``[chunk, V]`` block, the torch rows' fp32 temporaries on the CPU, none in the Triton rows
     on CUDA, per-token vectors), the ``[N, H]`` and ``[V, H]`` gradients it returns in the GEMM
     dtype, and where the weights are fp32 under autocast (one GPU) their bf16 copies for the GEMMs.
@@ -397,44 +305,6 @@ def _sampling_phases(shape: ModelShape, setup: Setup, static: tuple[Term, ...], 
                                           shape.kv_bytes_per_token(element) * rows * s.new_tokens),
                               Term("decode step: logits + top-p sampler temporaries", decode))),
     ]
-
-
-def setup_from_train_config(config: TrainConfig, *, world_size: int, loss: str, device: str,
-                            attention: str | None = None, liger_layers: bool | None = None,
-                            response_len: int | None = None) -> Setup:
-    """Setup of one rank of the run that ``config`` describes (e.g. :func:`gem_fast.config.read_yaml`
-    of a training YAML through :meth:`~gem_fast.config.TrainConfig.from_flat`).
-
-    SEGA: ``batch_size`` prompts of up to ``max_length`` tokens, k candidates of
-    ``gen_max_new_tokens`` each, trained as ``batch_size × k`` rows of prompt + generation whose
-    generated tokens are scored. DPO/IPO: chosen and rejected rows of ``max_length``. SFT:
-    ``batch_size`` rows of ``max_length``, ``response_len`` scored tokens per row (None: every
-    position, an upper bound for the fused loss, which skips prompt tokens). With
-    ``prefix_sharing`` not "off" (:mod:`gem_fast.prefix_sharing`) SEGA and DPO/IPO train on one
-    packed row per prompt instead: P + k·R tokens (SEGA), ``max_length + response_len`` (a pair;
-    ``response_len`` None: ``2·max_length - 1``, the bound for a one-token prompt), the responses
-    scored; its attention is modelled as the layout without it (FlexAttention keeps what
-    FlashAttention does, SDPA's mask is ``[rows, 1, L, L]`` either way).
-    """
-    run = config.run
-    common = dict(world_size=world_size, loss=loss, device=device, attention=attention, liger_layers=liger_layers,
-                  activation_checkpointing=config.parallel.activation_checkpointing)
-    shared = run.prefix_sharing != "off"
-    if run.objective == "sega":
-        sampling = Sampling(run.batch_size, config.sampling.k, run.max_length, config.sampling.gen_max_new_tokens)
-        if shared:
-            scored = sampling.k * sampling.new_tokens
-            return Setup(micro_batch=sampling.prompts, seq_len=sampling.prompt_len + scored, response_len=scored,
-                         sampling=sampling, **common)
-        return Setup(micro_batch=sampling.prompts * sampling.k, seq_len=sampling.prompt_len + sampling.new_tokens,
-                     response_len=sampling.new_tokens, sampling=sampling, **common)
-    if run.objective in ("dpo", "ipo") and shared:
-        if response_len is None:
-            return Setup(micro_batch=run.batch_size, seq_len=2 * run.max_length - 1, **common)
-        return Setup(micro_batch=run.batch_size, seq_len=run.max_length + response_len,
-                     response_len=2 * response_len, **common)
-    rows = run.batch_size * (2 if run.objective in ("dpo", "ipo") else 1)
-    return Setup(micro_batch=rows, seq_len=run.max_length, response_len=response_len, **common)
 
 
 def host_load_bytes(shape: ModelShape, *, world_size: int, init: Literal["meta", "full"], device: str = "cpu",

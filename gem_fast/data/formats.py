@@ -1,6 +1,6 @@
 """Dataset adapters: the preference sets the GEM paper uses, read from local files into PreferencePair.
 
-Files are read by :func:`gem_fast.readers.iter_rows` (JSON Lines, JSON, Parquet, ``datasets``
+Files are read by :func:`gem_fast.data.files.iter_rows` (JSON Lines, JSON, Parquet, ``datasets``
 folders), each row with its location for error messages.
 
 Formats (``format=``, or ``"auto"`` to detect from the first row's fields):
@@ -32,8 +32,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from gem_fast.data import PreferencePair
-from gem_fast.readers import Row, iter_rows
+from gem_fast.data.records import PreferencePair
+from gem_fast.data.files import Row, iter_rows
 
 __all__ = [
     "FORMATS",

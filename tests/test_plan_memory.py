@@ -17,12 +17,10 @@ import pytest
 from bench import memory_plan as bench_plan
 from gem_fast.config import TrainConfig, read_yaml
 from gem_fast.kernels import chunked
-from gem_fast.kernels.plan import PER_TOKEN_BYTES
-from gem_fast.memory_plan import (
-    GIB, Sampling, Setup, fused_loss_bytes, host_load_bytes, naive_loss_bytes, plan_memory, precision,
-    setup_from_train_config,
-)
-from gem_fast.shapes import PRESETS, model_shape
+from gem_fast.plan.kernel import PER_TOKEN_BYTES, naive_loss_bytes
+from gem_fast.plan.memory import GIB, fused_loss_bytes, host_load_bytes, plan_memory, precision
+from gem_fast.plan.shapes import PRESETS, model_shape
+from gem_fast.plan.workload import Sampling, Setup, setup_from_train_config
 
 LLAMA3_8B = PRESETS["llama3-8b"]
 ROOT = Path(__file__).resolve().parents[1]
