@@ -59,8 +59,8 @@ class OutputHead(NamedTuple):
 
     def apply(self, kernel: Callable[..., R], hidden: torch.Tensor, targets: torch.Tensor, *weights: torch.Tensor,
               **options: Any) -> R:
-        """``kernel`` (:func:`~gem_fast.kernels.fused_logprob_entropy`, :func:`~gem_fast.kernels.weighted_logprob_loss`)
-        on ``hidden`` [..., H] and ``targets`` [...] through this head: its weight, bias, scale and soft-cap;
+        """``kernel`` (:func:`~gem_fast.kernels.fused_logprob_entropy`, ``weighted_logprob_loss``) on
+        ``hidden`` [..., H] and ``targets`` [...] through this head: its weight, bias, scale and soft-cap;
         ``weights`` (loss weights like ``targets``) and ``options`` go to the kernel as they are."""
         return kernel(hidden, self.weight, targets, *weights, bias=self.bias, logit_scale=self.logit_scale,
                       logit_softcap=self.logit_softcap, **options)
@@ -117,7 +117,6 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
         (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
     return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
-
 
 
 def response_targets(batch: EncodedBatch, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
