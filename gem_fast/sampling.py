@@ -3,10 +3,10 @@
 Two ways to reuse the prompt's KV cache (``strategy``):
 
 * ``"shared_prefix"``: the prompt K/V is kept once per prompt; during decoding every attention
-  layer is routed (through transformers' ``AttentionInterface``) to
-  :class:`gem_fast.prefix_attention.SharedPrefixDecoder` and its attention op, which attends to the prompt part
-  from all k samples in one GEMM and merges it with each sample's own generated part by
-  log-sum-exp. Prompt KV memory is independent of k.
+  layer is routed (through transformers' ``AttentionInterface``) to the shared-prefix attention
+  of :mod:`gem_fast.prefix_attention` (:class:`~gem_fast.prefix_attention.SharedPrefixDecoder`),
+  which attends to the prompt part from all k samples in one GEMM and merges it with each
+  sample's own generated part by log-sum-exp. Prompt KV memory is independent of k.
 * ``"expand"``: the prefilled ``DynamicCache`` is repeated k times along the batch
   (``batch_repeat_interleave``) and decoding is plain ``model(...)`` calls. Works for any cache-
   based causal LM (sliding-window and hybrid layers included); prompt KV memory is k times larger.
