@@ -35,7 +35,7 @@ from .common import RepeatPolicy, environment, measure_interleaved, random_llama
 from gem_fast.data import EncodedBatch, join_prompt_and_generation
 from gem_fast.policy import PolicyLoss
 from gem_fast.prefix_sharing import pack_groups, resolve_prefix_sharing
-from gem_fast.sega import sega_token_weights
+from gem_fast.advantages import sega_token_weights
 from gem_fast.plan.shapes import ModelShape
 
 LAYOUTS = ("repeated", "shared")

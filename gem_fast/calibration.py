@@ -31,9 +31,8 @@ from gem_fast.config import SegaConfig
 from gem_fast.data import PreferencePair, encode_pairs
 from gem_fast.eval import bootstrap_ci
 from gem_fast.logprobs import response_logprob_entropy
-from gem_fast.objectives.sega import answer_span
 from gem_fast.ranking import entropy_wins
-from gem_fast.scoring import entropy_score, top_m_mask
+from gem_fast.scoring import answer_span, entropy_score, top_m_mask
 
 __all__ = ["Setting", "SettingResult", "Calibration", "default_grid", "pair_entropies", "setting_correct",
            "calibrate", "NO_SIGNAL"]

@@ -29,10 +29,9 @@ import torch
 from gem_fast.config import SamplingConfig, SegaConfig
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompts
 from gem_fast.logprobs import response_logprob_entropy
-from gem_fast.objectives.sega import answer_span
 from gem_fast.sampling import sample_group
-from gem_fast.scoring import entropy_score
 from gem_fast.data.synthetic import final_answer
+from gem_fast.scoring import answer_span, entropy_score
 
 __all__ = ["Gates", "pair_scores", "spearman", "candidate_gates", "greedy_completions", "greedy_task_accuracy"]
 

@@ -15,8 +15,8 @@ forward pre-hook on the output embeddings takes their input, the hidden states t
 head would see (after any final norm, hidden-state scaling or prediction-head transform), runs the
 kernel on it and hands the head an empty slice instead, so the forward's logits cost nothing. What
 the family's forward does to the head's output (soft-caps, logit scales, a cut vocabulary) is read
-from its config by :func:`output_head`. Calls without ``logprob_targets`` run the original forward
-unchanged, and the patched ``forward`` keeps its signature (``generate`` inspects it).
+from its config by :func:`gem_fast.logprobs.output_head`. Calls without ``logprob_targets`` run the
+original forward unchanged, and the patched ``forward`` keeps its signature (``generate`` inspects it).
 
 Because a family can do something to its logits that nobody listed, :func:`patch_causal_lm` checks
 itself once against the model's own logits on a few tokens and refuses by name when they differ.
@@ -28,17 +28,17 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from gem_fast.kernels import fused_logprob_entropy
+from gem_fast.logprobs import describe_model, output_embeddings, output_head
 from gem_fast.trl_support import TrlFusedOutput, trl_fused_forward
 
-__all__ = ["FusedLogprobOutput", "TrlFusedOutput", "OutputHead", "output_head", "patch_causal_lm",
-           "unpatch_causal_lm", "verify_patch"]
+__all__ = ["FusedLogprobOutput", "TrlFusedOutput", "patch_causal_lm", "unpatch_causal_lm", "verify_patch"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,67 +57,6 @@ FusedLogprobOutput = dataclasses.make_dataclass(
                "__doc__": "What a patched model returns for a call with ``logprob_targets``: ``logprobs`` and "
                           "``entropy`` [..., L] float32 nats (0 where the target is ignored), and the model's cache "
                           f"(``{CACHE_FIELD}``, as the installed transformers names it)."})
-
-
-class OutputHead(NamedTuple):
-    """The LM head as the kernels take it, from the output embeddings' input h to the model's
-    logits: z = softcap·tanh(scale·(W h + b) / softcap) (no soft-cap: z = scale·(W h + b))."""
-
-    weight: torch.Tensor  # [V, H], cut to the vocabulary the model's logits keep
-    bias: torch.Tensor | None  # [V]
-    logit_scale: float
-    logit_softcap: float | None
-
-
-# What each family's forward multiplies the head's output by (transformers' modeling code, 5.17-5.24):
-# (model type of the text config, or a prefix ending in "*") -> (config attribute, exponent).
-_LOGIT_SCALES = {
-    "cohere*": ("logit_scale", 1),  # cohere, cohere2, cohere2_moe, cohere_compass
-    "granite*": ("logits_scaling", -1),  # granite(_swa), granitemoe(_swa, shared, hybrid), granite vision text
-    "hyperclovax": ("logits_scaling", 1),  # MuP: multiplies where granite divides
-    "falcon_h1": ("lm_head_multiplier", 1),
-}
-# The soft-cap softcap·tanh(z / softcap) after it: gemma2/3/3n/4, inkling2, mistral_large4, nanochat,
-# vaultgemma name it final_logit_softcapping; recurrent_gemma logits_soft_cap; xlstm output_logit_soft_cap.
-_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
-# Gemma3ForConditionalGeneration applies no final soft-cap (5.17-5.24), though its text config has one.
-_SOFTCAP_UNREAD = ("gemma3",)
-
-
-def _logit_scale(text_config: Any) -> float:
-    model_type = text_config.model_type
-    for pattern, (attribute, exponent) in _LOGIT_SCALES.items():
-        if model_type == pattern or (pattern.endswith("*") and model_type.startswith(pattern[:-1])):
-            value = getattr(text_config, attribute, None)
-            return 1.0 if value is None else float(value) ** exponent
-    return 1.0
-
-
-def _describe(model: torch.nn.Module) -> str:
-    return f"type {getattr(getattr(model, 'config', None), 'model_type', None)!r} ({type(model).__name__})"
-
-
-def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or not hasattr(model, "config"):
-        raise ValueError(f"model: {_describe(model)} is not a causal LM with a config and output embeddings "
-                         "that hold one weight (get_output_embeddings())")
-    return head
-
-
-def output_head(model: torch.nn.Module) -> OutputHead:
-    """The head of a Hugging Face causal LM: its output embeddings, cut to ``unpadded_vocab_size``
-    where the family cuts its logits (inkling), with the logit scale and soft-cap its forward
-    applies, read from the config (the text config of a multimodal model)."""
-    head = _output_embeddings(model)
-    text_config = model.config.get_text_config(decoder=True)
-    weight, bias = head.weight, getattr(head, "bias", None)
-    vocab = getattr(text_config, "unpadded_vocab_size", None)
-    if vocab is not None and vocab < weight.shape[0]:
-        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
-    softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
-        (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
-    return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
 
 
 @dataclasses.dataclass
@@ -154,7 +93,7 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
     model's dtype, where one more forward at start-up matters. Under FSDP2 the check runs the
     sharded forward, so call this on every rank (as any forward). Returns the model, patched in
     place; patching twice is a no-op; :func:`unpatch_causal_lm` undoes it."""
-    head_module = _output_embeddings(model)
+    head_module = output_embeddings(model)
     if _PATCH in vars(model):
         return model
     original = model.forward
@@ -169,17 +108,16 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
         call = calls[-1]
         hidden = args[0] if args else None
         if call.results is not None:
-            raise ValueError(f"model: the forward of {_describe(model)} calls its output embeddings more than once")
+            raise ValueError(f"model: the forward of {describe_model(model)} calls its output embeddings "
+                             "more than once")
         if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point()
                 and hidden.shape[:-1] == call.targets.shape):
             got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"model: the forward of {_describe(model)} calls its output embeddings with {got}, "
+            raise ValueError(f"model: the forward of {describe_model(model)} calls its output embeddings with {got}, "
                              f"not the hidden states [*targets.shape, H] of targets {tuple(call.targets.shape)}")
-        head = output_head(model)
-        call.results = tuple(fused_logprob_entropy(
-            hidden, head.weight, call.targets, bias=head.bias, temperature=call.temperature,
-            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, backend=backend, **kernel_options,
-            **call.options))
+        call.results = tuple(output_head(model).apply(fused_logprob_entropy, hidden, call.targets,
+                                                      temperature=call.temperature, backend=backend,
+                                                      **kernel_options, **call.options))
         return (hidden[..., :0, :], *args[1:])
 
     def logprobs_and_entropy(args: tuple, kwargs: dict, targets: torch.Tensor, temperature: float, **options: Any):
@@ -191,7 +129,7 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
         finally:
             calls.pop()
         if call.results is None:
-            raise ValueError(f"model: the forward of {_describe(model)} never calls its output embeddings "
+            raise ValueError(f"model: the forward of {describe_model(model)} never calls its output embeddings "
                              f"({type(head_module).__name__}), so their input cannot be taken")
         return outputs, *call.results
 
@@ -210,7 +148,7 @@ def patch_causal_lm(model: torch.nn.Module, *, backend: str = "auto", temperatur
     setattr(model, _PATCH, _Patch(vars(model).get("forward"), head_module.register_forward_pre_hook(take_hidden)))
     model.forward = forward
     if not verify:
-        logger.info("gem_fast.integrations: %s patched without verification (verify=False)", _describe(model))
+        logger.info("gem_fast.integrations: %s patched without verification (verify=False)", describe_model(model))
         return model
     try:
         verify_patch(model)
@@ -269,10 +207,10 @@ def verify_patch(model: torch.nn.Module) -> None:
     A model on the meta device is skipped with a logged reason (call this once its weights are
     loaded). Under FSDP2 it runs the sharded forward: call it on every rank."""
     if _PATCH not in vars(model):
-        raise ValueError(f"model: {_describe(model)} is not patched (patch_causal_lm(model) first)")
+        raise ValueError(f"model: {describe_model(model)} is not patched (patch_causal_lm(model) first)")
     if any(p.device.type == "meta" for p in model.parameters()):
         logger.warning("gem_fast.integrations: %s is on the meta device, so its patch is not verified; call "
-                       "gem_fast.integrations.verify_patch(model) once its weights are loaded", _describe(model))
+                       "gem_fast.integrations.verify_patch(model) once its weights are loaded", describe_model(model))
         return
     head = output_head(model)
     vocab = min(head.weight.shape[0], model.get_input_embeddings().weight.shape[0])
@@ -286,12 +224,12 @@ def verify_patch(model: torch.nn.Module) -> None:
             logits = model(input_ids=ids, use_cache=False).logits
             fused = model(input_ids=ids, use_cache=False, logprob_targets=targets, temperature=1.0)
     except Exception as error:
-        raise ValueError(f"model: {_describe(model)}: the patched forward fails on {ids.numel()} probe tokens "
+        raise ValueError(f"model: {describe_model(model)}: the patched forward fails on {ids.numel()} probe tokens "
                          f"({type(error).__name__}: {error})") from error
     finally:
         model.train(training)
     if logits.shape[-1] != head.weight.shape[0]:
-        raise ValueError(f"model: {_describe(model)}: its logits have {logits.shape[-1]} entries, its output "
+        raise ValueError(f"model: {describe_model(model)}: its logits have {logits.shape[-1]} entries, its output "
                          f"embeddings (as output_head reads them) {head.weight.shape[0]}")
     z = logits.float()
     logp_all = z.log_softmax(-1)
@@ -305,10 +243,10 @@ def verify_patch(model: torch.nn.Module) -> None:
     entropy_error = (fused.entropy - want_entropy).abs().max().item()
     if not (logp_error <= 8 * delta and entropy_error <= 8 * delta * (1 + spread)):  # False on nan too
         raise ValueError(
-            f"model: {_describe(model)}: the patched head disagrees with the model's own logits on {ids.numel()} "
+            f"model: {describe_model(model)}: the patched head disagrees with the model's own logits on {ids.numel()} "
             f"probe tokens: log-probs by up to {logp_error:.3g} nats (tolerance {8 * delta:.2g} in {logits.dtype}), "
             f"entropy by up to {entropy_error:.3g} (tolerance {8 * delta * (1 + spread):.2g}); its forward does "
-            "something to the logits that gem_fast.integrations.output_head does not read from the config, so the "
+            "something to the logits that gem_fast.logprobs.output_head does not read from the config, so the "
             "model is left unpatched")
     logger.info("gem_fast.integrations: %s verified: log-prob error %.2g, entropy error %.2g nats on %d tokens",
-                _describe(model), logp_error, entropy_error, ids.numel())
+                describe_model(model), logp_error, entropy_error, ids.numel())

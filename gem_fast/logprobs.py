@@ -6,19 +6,24 @@ is set, ``ignore_index`` elsewhere (prompt and padding), and hidden states are t
 positions ``0 .. L-2``. Position ids come from the attention mask, so left- and
 right-padded batches give the same numbers. The ``[tokens, vocab]`` logits are never built:
 ``hidden @ lm_head.weight.T`` is reduced inside :mod:`gem_fast.kernels`.
+
+The head the kernels take is the model's own as its forward applies it (:func:`output_head`: the
+output embeddings, a cut vocabulary, the family's logit scale and soft-cap, read from the config).
+:func:`run_head` is the one path from a batch to a head kernel, prefix-shared or not: the policy's
+loss, the sequence log-probs, the per-token log-probs and entropies (scoring, gates) all go
+through it, and :mod:`gem_fast.integrations` applies the same :meth:`OutputHead.apply`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from gem_fast.data import EncodedBatch, PreferencePair, TokenizerLike, encode_pairs
-from gem_fast.integrations import output_head
 from gem_fast.kernels import fused_logprob_entropy
 from gem_fast.prefix_sharing import pack_groups, packed_response_hidden, prefix_sharing_unsupported
 
@@ -26,15 +31,92 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
+    "OutputHead",
+    "output_head",
+    "output_embeddings",
+    "describe_model",
     "PairLogprobs",
     "response_targets",
     "response_hidden",
+    "run_head",
     "response_logprob_entropy",
     "sequence_logprobs",
     "pair_logprobs",
 ]
 
 IGNORE_INDEX = -100
+R = TypeVar("R")
+
+
+class OutputHead(NamedTuple):
+    """The LM head as the kernels take it, from the output embeddings' input h to the model's
+    logits: z = softcap·tanh(scale·(W h + b) / softcap) (no soft-cap: z = scale·(W h + b))."""
+
+    weight: torch.Tensor  # [V, H], cut to the vocabulary the model's logits keep
+    bias: torch.Tensor | None  # [V]
+    logit_scale: float
+    logit_softcap: float | None
+
+    def apply(self, kernel: Callable[..., R], hidden: torch.Tensor, targets: torch.Tensor, *weights: torch.Tensor,
+              **options: Any) -> R:
+        """``kernel`` (:func:`~gem_fast.kernels.fused_logprob_entropy`, ``weighted_logprob_loss``) on
+        ``hidden`` [..., H] and ``targets`` [...] through this head: its weight, bias, scale and soft-cap;
+        ``weights`` (loss weights like ``targets``) and ``options`` go to the kernel as they are."""
+        return kernel(hidden, self.weight, targets, *weights, bias=self.bias, logit_scale=self.logit_scale,
+                      logit_softcap=self.logit_softcap, **options)
+
+
+# What each family's forward multiplies the head's output by (transformers' modeling code, 5.17-5.24):
+# (model type of the text config, or a prefix ending in "*") -> (config attribute, exponent).
+_LOGIT_SCALES = {
+    "cohere*": ("logit_scale", 1),  # cohere, cohere2, cohere2_moe, cohere_compass
+    "granite*": ("logits_scaling", -1),  # granite(_swa), granitemoe(_swa, shared, hybrid), granite vision text
+    "hyperclovax": ("logits_scaling", 1),  # MuP: multiplies where granite divides
+    "falcon_h1": ("lm_head_multiplier", 1),
+}
+# The soft-cap softcap·tanh(z / softcap) after it: gemma2/3/3n/4, inkling2, mistral_large4, nanochat,
+# vaultgemma name it final_logit_softcapping; recurrent_gemma logits_soft_cap; xlstm output_logit_soft_cap.
+_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# Gemma3ForConditionalGeneration applies no final soft-cap (5.17-5.24), though its text config has one.
+_SOFTCAP_UNREAD = ("gemma3",)
+
+
+def _logit_scale(text_config: Any) -> float:
+    model_type = text_config.model_type
+    for pattern, (attribute, exponent) in _LOGIT_SCALES.items():
+        if model_type == pattern or (pattern.endswith("*") and model_type.startswith(pattern[:-1])):
+            value = getattr(text_config, attribute, None)
+            return 1.0 if value is None else float(value) ** exponent
+    return 1.0
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """The model's type and class, as error messages name it."""
+    return f"type {getattr(getattr(model, 'config', None), 'model_type', None)!r} ({type(model).__name__})"
+
+
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The output-embeddings module of a causal LM; ValueError naming the model where it has none with one weight."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or not hasattr(model, "config"):
+        raise ValueError(f"model: {describe_model(model)} is not a causal LM with a config and output embeddings "
+                         "that hold one weight (get_output_embeddings())")
+    return head
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """The head of a Hugging Face causal LM: its output embeddings, cut to ``unpadded_vocab_size``
+    where the family cuts its logits (inkling), with the logit scale and soft-cap its forward
+    applies, read from the config (the text config of a multimodal model)."""
+    head = output_embeddings(model)
+    text_config = model.config.get_text_config(decoder=True)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    vocab = getattr(text_config, "unpadded_vocab_size", None)
+    if vocab is not None and vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    softcap = None if model.config.model_type in _SOFTCAP_UNREAD else next(
+        (getattr(text_config, a) for a in _SOFTCAP_ATTRIBUTES if getattr(text_config, a, None) is not None), None)
+    return OutputHead(weight, bias, _logit_scale(text_config), None if softcap is None else float(softcap))
 
 
 def response_targets(batch: EncodedBatch, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -54,6 +136,31 @@ def response_hidden(model: torch.nn.Module, batch: EncodedBatch) -> torch.Tensor
     return out.last_hidden_state[:, :-1]
 
 
+def run_head(kernel: Callable[..., R], model: torch.nn.Module, batch: EncodedBatch, *,
+             token_weights: torch.Tensor | None = None, prefix_sharing: bool = False, backend: str = "auto",
+             **options: Any) -> tuple[R, torch.Tensor | None]:
+    """``kernel`` (a :mod:`gem_fast.kernels` head kernel) on the response tokens of ``batch`` with ``model``'s head.
+
+    Repeated layout: the [N, L-1] hidden states and targets of :func:`response_hidden` /
+    :func:`response_targets`, prompt and padding rows dropped inside the kernel (one host sync skips
+    their GEMMs; most of a preference batch). ``prefix_sharing``: the M response tokens of the packed
+    layout (:func:`gem_fast.prefix_sharing.pack_groups`), ``token_weights`` [N, L-1] gathered to them.
+    ``options`` (``temperature``...) go to the kernel. Returns the kernel's result and, packed, the
+    [M] int64 index of each token in the flattened [N, L-1] grid (``PackedGroups.source``), else None.
+    Call it inside the forward that owns the head (FSDP2 gathers ``lm_head.weight`` there).
+    """
+    head = output_head(model)
+    weights = () if token_weights is None else (token_weights,)
+    if prefix_sharing:
+        packed = pack_groups(batch)
+        hidden = packed_response_hidden(model, packed)
+        weights = tuple(w.reshape(-1)[packed.source] for w in weights)
+        return head.apply(kernel, hidden, packed.targets, *weights, ignore_index=IGNORE_INDEX, backend=backend,
+                          **options), packed.source
+    return head.apply(kernel, response_hidden(model, batch), response_targets(batch), *weights,
+                      ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True, **options), None
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     batch: EncodedBatch,
@@ -69,22 +176,11 @@ def sequence_logprobs(
     (:mod:`gem_fast.prefix_sharing`); the same numbers. Differentiable w.r.t. the model's
     parameters when grad is enabled.
     """
-    head = output_head(model)
-    targets = response_targets(batch)
-    kernel_args = dict(bias=head.bias, logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
-                       ignore_index=IGNORE_INDEX, backend=backend)
-    if prefix_sharing:
-        packed = pack_groups(batch)
-        logp, _ = fused_logprob_entropy(packed_response_hidden(model, packed), head.weight, packed.targets,
-                                        **kernel_args)
-        total = logp.new_zeros(targets.shape[0]).index_add(0, packed.source // targets.shape[1], logp)
-    else:
-        # Prompt and padding rows are most of a preference batch: one host sync to skip their GEMMs.
-        logp, _ = fused_logprob_entropy(response_hidden(model, batch), head.weight, targets, drop_ignored_rows=True,
-                                        **kernel_args)
-        total = logp.sum(-1)
+    (logp, _), source = run_head(fused_logprob_entropy, model, batch, prefix_sharing=prefix_sharing, backend=backend)
+    rows, width = batch.input_ids.shape[0], batch.input_ids.shape[1] - 1
+    total = logp.sum(-1) if source is None else logp.new_zeros(rows).index_add(0, source // width, logp)
     if length_normalize:
-        total = total / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+        total = total / batch.response_mask[:, 1:].sum(-1).clamp(min=1)
     return total
 
 
@@ -92,11 +188,7 @@ def response_logprob_entropy(model: torch.nn.Module, batch: EncodedBatch, *, tem
                              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-prob of each response token and entropy (nats) of softmax(logits / temperature) at
     its predicting position: two [N, L-1] float32, 0 off the response (as the sampler's ``token_entropy``)."""
-    head = output_head(model)
-    return fused_logprob_entropy(
-        response_hidden(model, batch), head.weight, response_targets(batch), bias=head.bias,
-        logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, temperature=temperature,
-        ignore_index=IGNORE_INDEX, backend=backend, drop_ignored_rows=True)
+    return run_head(fused_logprob_entropy, model, batch, temperature=temperature, backend=backend)[0]
 
 
 @dataclass(frozen=True)

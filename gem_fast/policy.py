@@ -15,11 +15,8 @@ import torch
 from torch import nn
 
 from gem_fast.data import EncodedBatch, PreferencePair
-from gem_fast.integrations import output_head
 from gem_fast.kernels import weighted_logprob_loss
-from gem_fast.logprobs import (IGNORE_INDEX, PairLogprobs, pair_logprobs, response_hidden, response_logprob_entropy,
-                               response_targets)
-from gem_fast.prefix_sharing import pack_groups, packed_response_hidden
+from gem_fast.logprobs import PairLogprobs, pair_logprobs, response_logprob_entropy, run_head
 from gem_fast.sampling import GroupSample, sample_group
 
 __all__ = ["MicroBatch", "StepBatches", "PairLoss", "PolicyLoss"]
@@ -81,15 +78,9 @@ class PolicyLoss(nn.Module):
                 raise ValueError("reference log-probs given to a PolicyLoss without a pair_loss")
             return self.pair_loss(self.model, batch, reference, backend=self.backend,
                                   prefix_sharing=self.prefix_sharing)
-        head = output_head(self.model)
-        kernel_args = dict(bias=head.bias, logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
-                           ignore_index=IGNORE_INDEX, backend=self.backend)
-        if self.prefix_sharing:
-            packed = pack_groups(batch)
-            return weighted_logprob_loss(packed_response_hidden(self.model, packed), head.weight, packed.targets,
-                                         token_weights.reshape(-1)[packed.source], **kernel_args)
-        return weighted_logprob_loss(response_hidden(self.model, batch), head.weight, response_targets(batch),
-                                     token_weights, drop_ignored_rows=True, **kernel_args)
+        # Here, inside forward: FSDP2's gathered lm_head.weight is what run_head's head reads.
+        return run_head(weighted_logprob_loss, self.model, batch, token_weights=token_weights,
+                        prefix_sharing=self.prefix_sharing, backend=self.backend)[0]
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> GroupSample:
         """:func:`gem_fast.sampling.sample_group` on the wrapped model with this policy's kernel backend;

@@ -20,7 +20,6 @@ and logs which attention runs, or why the repeated layout is kept.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -29,7 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 
 from gem_fast.data import EncodedBatch
 from gem_fast.errors import UsageError
-from gem_fast.sampling import shared_prefix_unsupported
+from gem_fast.prefix_attention import modeling_module_has, shared_prefix_unsupported
 
 __all__ = ["PREFIX_SHARING", "PackedGroups", "pack_groups", "packed_attention_mask", "packed_response_hidden",
            "prefix_sharing_unsupported", "resolve_prefix_sharing"]
@@ -168,8 +167,7 @@ def prefix_sharing_unsupported(model: torch.nn.Module, device: torch.device) -> 
     """Why ``model`` on ``device`` cannot run the packed layout (None when it can)."""
     if reason := shared_prefix_unsupported(model):  # the same limits as the sampler's shared prefix
         return reason
-    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
-    if not any(hasattr(m, "create_causal_mask") for m in modules if m is not None):
+    if not modeling_module_has(model, "create_causal_mask"):
         return f"{type(model).__name__} does not build its mask with transformers.masking_utils"
     implementation = model.config._attn_implementation
     if implementation == "flash_attention_2" and device.type == "cuda":

@@ -3,10 +3,10 @@
 Two ways to reuse the prompt's KV cache (``strategy``):
 
 * ``"shared_prefix"``: the prompt K/V is kept once per prompt; during decoding every attention
-  layer is routed (through transformers' ``AttentionInterface``) to
-  :func:`gem_fast.prefix_attention.shared_prefix_attention`, which attends to the prompt part
-  from all k samples in one GEMM and merges it with each sample's own generated part by
-  log-sum-exp. Prompt KV memory is independent of k.
+  layer is routed (through transformers' ``AttentionInterface``) to the shared-prefix attention
+  of :mod:`gem_fast.prefix_attention` (:class:`~gem_fast.prefix_attention.SharedPrefixDecoder`),
+  which attends to the prompt part from all k samples in one GEMM and merges it with each
+  sample's own generated part by log-sum-exp. Prompt KV memory is independent of k.
 * ``"expand"``: the prefilled ``DynamicCache`` is repeated k times along the batch
   (``batch_repeat_interleave``) and decoding is plain ``model(...)`` calls. Works for any cache-
   based causal LM (sliding-window and hybrid layers included); prompt KV memory is k times larger.
@@ -24,13 +24,10 @@ model class and reason, and returned in :attr:`GroupSample.strategy`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 import logging
 import math
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +37,12 @@ from transformers import DynamicCache
 from gem_fast.distributed import fsdp_gathered
 from gem_fast.kernels import entropy_from_logits
 from gem_fast.kernels.sample_rows import SAMPLE_BACKENDS
-from gem_fast.prefix_attention import shared_prefix_attention
+from gem_fast.prefix_attention import SharedPrefixDecoder, shared_prefix_unsupported
 from gem_fast.static_decode import SYNC_EVERY, StaticDecoder, static_decode_unsupported
-
-try:  # transformers >= 4.48
-    from transformers.modeling_utils import AttentionInterface
-except ImportError:  # pragma: no cover - depends on the installed transformers
-    AttentionInterface = None
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "shared_prefix", "expand", "static")
-_ATTN_NAME = "gem_fast_shared_prefix"
 
 
 @dataclass
@@ -156,8 +147,11 @@ def sample_group(
                 forward_tokens=batch * prompt_len + n * static.steps_run,
                 prompt_kv_bytes=static.prompt_kv_bytes,
             )
-        decoder_cls = _SharedPrefixDecoder if strategy == "shared_prefix" else _ExpandDecoder
-        decoder = decoder_cls(model, out.past_key_values, attention_mask, k, logits_kwargs)
+        if strategy == "shared_prefix":
+            decoder = SharedPrefixDecoder(model, _cache_kv(out.past_key_values), attention_mask, k, logits_kwargs,
+                                          suffix=_new_cache(model))
+        else:
+            decoder = _ExpandDecoder(model, out.past_key_values, attention_mask, k, logits_kwargs)
         logits = out.logits[:, -1]  # [B, V]: the k candidates of a prompt share the first step
         del out
         next_position = attention_mask.sum(-1).repeat_interleave(k)  # [N] position of generated token 0
@@ -282,112 +276,6 @@ class _ExpandDecoder:
         return out.logits[:, -1]
 
 
-_ACTIVE_DECODER: contextvars.ContextVar[_SharedPrefixDecoder | None] = contextvars.ContextVar(
-    "gem_fast_shared_prefix_decoder", default=None
-)
-
-
-class _SharedPrefixDecoder:
-    """Prompt K/V kept once per prompt; decode steps attend to it through :func:`shared_prefix_attention`.
-
-    Groups stay whole (all k rows of a prompt) so the prefix GEMM keeps k query rows per prompt;
-    a prompt leaves the batch when all its k candidates have finished.
-    """
-
-    def __init__(self, model, cache, attention_mask: torch.Tensor, k: int, logits_kwargs: dict):
-        kv = _cache_kv(cache)
-        self.prefix_keys = [key for key, _ in kv]  # per layer [B, Hkv, P, D]
-        self.prefix_values = [value for _, value in kv]
-        self.prefix_mask = attention_mask.bool()  # [B, P]
-        self.prompt_kv_bytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
-        self.suffix = _new_cache(model)
-        self.model, self.k, self.logits_kwargs = model, k, logits_kwargs
-        self.calls = 0
-
-    def keep(self, alive: torch.Tensor) -> torch.Tensor:
-        return alive.view(-1, self.k).any(dim=1).repeat_interleave(self.k)
-
-    def select(self, kept: torch.Tensor) -> None:
-        groups = kept[:: self.k] // self.k  # kept rows are whole groups of k, in order
-        self.prefix_keys = [t[groups] for t in self.prefix_keys]
-        self.prefix_values = [t[groups] for t in self.prefix_values]
-        self.prefix_mask = self.prefix_mask[groups]
-        self.suffix.batch_select_indices(kept)
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.calls = 0
-        with _attention_routed_to(self):
-            out = self.model(
-                input_ids=tokens[:, None],
-                position_ids=positions[:, None],
-                past_key_values=self.suffix,
-                use_cache=True,
-                **self.logits_kwargs,
-            )
-        if self.calls != len(self.prefix_keys):
-            raise RuntimeError(
-                f"shared_prefix: {self.calls} of {len(self.prefix_keys)} attention layers went through "
-                f"transformers' AttentionInterface for {type(self.model).__name__}; use strategy='expand'"
-            )
-        return out.logits[:, -1]
-
-    def attend(self, module: torch.nn.Module, query, key, value, scaling: float | None) -> torch.Tensor:
-        """HF attention-interface call for one layer: query [N, Hq, L, D], key/value = the suffix cache."""
-        layer = getattr(module, "layer_idx", None)
-        if layer is None:
-            raise RuntimeError(f"shared_prefix: attention module {type(module).__name__} has no layer_idx")
-        self.calls += 1
-        out = shared_prefix_attention(
-            query,
-            self.prefix_keys[layer],
-            self.prefix_values[layer],
-            key,
-            value,
-            prefix_mask=self.prefix_mask,
-            scale=scaling,
-        )
-        return out.transpose(1, 2).contiguous()  # HF attention functions return [N, L, Hq, D]
-
-
-def _shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Entry registered in transformers' AttentionInterface; the mask is ignored (prefix mask lives in the decoder)."""
-    decoder = _ACTIVE_DECODER.get()
-    if decoder is None:
-        raise RuntimeError(f"attn_implementation {_ATTN_NAME!r} is only valid inside gem_fast.sampling.sample_group")
-    return decoder.attend(module, query, key, value, scaling), None
-
-
-@contextlib.contextmanager
-def _attention_routed_to(decoder: _SharedPrefixDecoder) -> Iterator[None]:
-    """Temporarily switch the model's attention to the shared-prefix function bound to ``decoder``."""
-    config = decoder.model.config
-    previous = config._attn_implementation
-    token = _ACTIVE_DECODER.set(decoder)
-    config._attn_implementation = _ATTN_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-        _ACTIVE_DECODER.reset(token)
-
-
-def shared_prefix_unsupported(model: torch.nn.Module) -> str | None:
-    """Why the shared-prefix path cannot run on ``model`` (None when it can)."""
-    if AttentionInterface is None:
-        return "this transformers has no AttentionInterface"
-    config = model.config
-    layer_types = getattr(config, "layer_types", None) or ()
-    if any(t != "full_attention" for t in layer_types):
-        return f"layer types {sorted(set(layer_types))} are not all full attention"
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    # Modeling files that dispatch attention through the interface import ALL_ATTENTION_FUNCTIONS.
-    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
-    if not any(hasattr(m, "ALL_ATTENTION_FUNCTIONS") for m in modules if m is not None):
-        return f"{type(model).__name__} does not dispatch attention through AttentionInterface"
-    return None
-
-
 def _choose_strategy(model: torch.nn.Module, strategy: str, prompt_len: int, max_new_tokens: int) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -402,8 +290,6 @@ def _choose_strategy(model: torch.nn.Module, strategy: str, prompt_len: int, max
     if strategy == "shared_prefix" and reason:
         raise ValueError(f"strategy: 'shared_prefix' is not available: {reason}")
     chosen = "expand" if strategy == "expand" or reason else "shared_prefix"
-    if chosen == "shared_prefix" and _ATTN_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_ATTN_NAME, _shared_prefix_attention_forward)
     if strategy == "auto":
         note = f" ({reason})" if reason else " ('static' is not the default until a GPU run shows it faster)"
         _log_once(logging.INFO, f"sample_group: {type(model).__name__}: KV reuse strategy={chosen}{note}")

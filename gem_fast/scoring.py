@@ -22,17 +22,22 @@ Choices the paper leaves open, made here:
   (tokens after the marker, the marker's own tokens excluded), the last n tokens, or the
   last fraction of the tokens (the official code's choice, 25 %). A marker that is missing,
   or followed by nothing, falls back to one of the other two only when asked to.
+  :func:`answer_span` picks among them as a run's ``SegaConfig`` says (SEGA, the gates and the
+  calibration all score with it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
 
+from gem_fast.config import SegaConfig
+
 __all__ = [
     "DEFAULT_MARKERS",
+    "answer_span",
     "entropy_score",
     "top_m_mask",
     "final_mask_last_n",
@@ -233,3 +238,13 @@ def final_mask_from_marker(
         )
         final = torch.where(final.any(-1, keepdim=True), final, backup)
     return final
+
+
+def answer_span(sega: SegaConfig, sequences: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Bool [..., T]: the tokens Eq. 1 scores as the answer, per ``sega.final_span``: after "Answer:" / "####"
+    (else, with ``marker_fallback``, the last ``final_fraction``; without, none: score -inf), or the last fraction."""
+    if sega.final_span == "marker":
+        return final_mask_from_marker(sequences, mask, tokenizer,
+                                      fallback="last_fraction" if sega.marker_fallback else None,
+                                      fallback_value=sega.final_fraction)
+    return final_mask_last_fraction(mask, sega.final_fraction)

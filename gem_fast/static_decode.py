@@ -25,13 +25,12 @@ argument, which HF models pass through to their attention functions.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 
 import torch
 
 from gem_fast.kernels import sample_tokens
-from gem_fast.prefix_attention import shared_prefix_attention
+from gem_fast.prefix_attention import modeling_module_has, shared_prefix_attention
 
 try:  # transformers >= 4.48
     from transformers.modeling_utils import AttentionInterface
@@ -61,8 +60,7 @@ def static_decode_unsupported(model: torch.nn.Module, prompt_len: int, max_new_t
     if sliding and (window is None or prompt_len + max_new_tokens >= window):
         return f"sliding-window attention (window {window}, {prompt_len} prompt + {max_new_tokens} new tokens)"
     # Modeling files that dispatch attention through the interface import ALL_ATTENTION_FUNCTIONS.
-    modules = (sys.modules.get(cls.__module__) for cls in type(model).__mro__)
-    if not any(hasattr(m, "ALL_ATTENTION_FUNCTIONS") for m in modules if m is not None):
+    if not modeling_module_has(model, "ALL_ATTENTION_FUNCTIONS"):
         return f"{type(model).__name__} does not dispatch attention through AttentionInterface"
     return None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_lm import run_config, tiny_model, write_run_inputs
 
+from gem_fast.advantages import sega_advantages
 from gem_fast.config import TrainConfig
 from gem_fast.data import PreferencePair
 from gem_fast.distributed import DistEnv
@@ -18,7 +19,6 @@ from gem_fast.objectives.sega import Groups
 from gem_fast.objectives.filtered_dpo import top_bottom_members
 from gem_fast.policy import PolicyLoss
 from gem_fast.ranking import anchor_human_pair, bradley_terry, trueskill
-from gem_fast.sega import sega_advantages
 from gem_fast.train import train
 
 

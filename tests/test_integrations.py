@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gem_fast.distributed import free_port
-from gem_fast.integrations import FusedLogprobOutput, output_head, patch_causal_lm, unpatch_causal_lm
+from gem_fast.integrations import FusedLogprobOutput, patch_causal_lm, unpatch_causal_lm
+from gem_fast.logprobs import output_head
 
 VOCAB, LENGTH = 300, 12
 # Extra config per family: Gemma's soft-cap and Cohere's scale set so that they change the logits.

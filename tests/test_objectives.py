@@ -15,7 +15,7 @@ from gem_fast.distributed import DistEnv
 from gem_fast.objectives import SEGA
 from gem_fast.objectives.sega import Groups
 from gem_fast.policy import PolicyLoss
-from gem_fast.sega import sega_advantages
+from gem_fast.advantages import sega_advantages
 from gem_fast.train import train
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_lm import char_tokenizer, tiny_model
 
+from gem_fast.advantages import sega_token_weights
 from gem_fast.flags import parse_config
 from gem_fast.distributed import free_port, parallelize
 from gem_fast.data import EncodedBatch, PreferencePair, encode_pairs, encode_prompts, join_prompt_and_generation
@@ -21,7 +22,6 @@ from gem_fast.logprobs import PairLogprobs
 from gem_fast.objectives.pairs import preference_loss
 from gem_fast.policy import PolicyLoss
 from gem_fast.prefix_sharing import pack_groups, resolve_prefix_sharing
-from gem_fast.sega import sega_token_weights
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 GRAD_RTOL = 1e-4  # of the tensor's largest entry (the bench's max_rel_grad_diff): summation order differs

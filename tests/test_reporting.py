@@ -16,7 +16,7 @@ from tiny_lm import run_config, write_run_inputs
 from gem_fast.flags import parse_config
 from gem_fast.objectives.sega import SampleLog
 from gem_fast.reporting import Reporter
-from gem_fast.sega import sega_advantages
+from gem_fast.advantages import sega_advantages
 import gem_fast.train as train_module
 from gem_fast.train import train
 

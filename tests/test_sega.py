@@ -15,7 +15,7 @@ from gem_fast.logprobs import pair_logprobs, sequence_logprobs
 from gem_fast.objectives import SFT
 from gem_fast.objectives.pairs import dpo_loss, ipo_loss, preference_loss
 from gem_fast.policy import PolicyLoss
-from gem_fast.sega import map_rewards, sega_advantages, sega_token_weights
+from gem_fast.advantages import map_rewards, sega_advantages, sega_token_weights
 
 INF = math.inf
 

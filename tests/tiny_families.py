@@ -15,7 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from gem_fast.integrations import output_head, patch_causal_lm
+from gem_fast.integrations import patch_causal_lm
+from gem_fast.logprobs import output_head
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 VOCAB, LAYERS = 256, 2

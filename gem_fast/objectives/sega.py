@@ -3,8 +3,8 @@
 Each micro-step samples k candidates per prompt from the current policy (prompt KV cache shared),
 scores them with Eq. 1 on the answer span, optionally turns the token-level comparisons into
 ratings (Bradley-Terry or TrueSkill over :func:`gem_fast.ranking.entropy_wins`), maps those to
-group advantages (:func:`gem_fast.sega.sega_advantages`, the ``trim`` lowest at 0) and trains on the
-group's members with per-token weights ``A_i / B`` (Eq. 2, :func:`gem_fast.sega.sega_token_weights`).
+group advantages (:func:`gem_fast.advantages.sega_advantages`, the ``trim`` lowest at 0) and trains on the
+group's members with per-token weights ``A_i / B`` (Eq. 2, :func:`gem_fast.advantages.sega_token_weights`).
 
 Human-anchored groups (``anchor_weight`` > 0): a preference row's group is its k candidates followed by
 the human chosen and rejected responses (teacher-forced for their entropies under the same policy),
@@ -24,15 +24,14 @@ from typing import Any, Iterator, Union
 import torch
 import torch.nn.functional as F
 
-from gem_fast.config import SegaConfig
 from gem_fast.data import PreferencePair, encode_prompts, join_prompt_and_generation, load_group_rows
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
 from gem_fast.ranking import anchor_human_pair, candidate_ratings, entropy_wins
-from gem_fast.scoring import entropy_score, final_mask_from_marker, final_mask_last_fraction, top_m_mask
-from gem_fast.sega import sega_advantages, sega_token_weights
+from gem_fast.scoring import answer_span, entropy_score, top_m_mask
+from gem_fast.advantages import sega_advantages, sega_token_weights
 
-__all__ = ["SEGA", "STATS", "Groups", "Row", "SampleLog", "answer_span", "row_prompt"]
+__all__ = ["SEGA", "STATS", "Groups", "Row", "SampleLog", "row_prompt"]
 
 STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean")
 """The step statistics SEGA logs (means over the step's prompts, then over ranks)."""
@@ -227,16 +226,6 @@ class SEGA(Objective):
         ratings = candidate_ratings(scores, method=sega.ranking, wins=wins)
         # A candidate without an answer keeps -inf, so the reward mapping's rule for it applies.
         return scores, ratings.masked_fill(~torch.isfinite(scores), float("-inf"))
-
-
-def answer_span(sega: SegaConfig, sequences: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """Bool [..., T]: the tokens Eq. 1 scores as the answer, per ``sega.final_span``: after "Answer:" / "####"
-    (else, with ``marker_fallback``, the last ``final_fraction``; without, none: score -inf), or the last fraction."""
-    if sega.final_span == "marker":
-        return final_mask_from_marker(sequences, mask, tokenizer,
-                                      fallback="last_fraction" if sega.marker_fallback else None,
-                                      fallback_value=sega.final_fraction)
-    return final_mask_last_fraction(mask, sega.final_fraction)
 
 
 def _shuffled_within_groups(adv: torch.Tensor, seed: int, step: int, rank: int, micro: int, anchored: bool
