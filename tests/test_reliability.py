@@ -29,8 +29,8 @@ from gem_fast.distributed import DistEnv
 from gem_fast.errors import UsageError
 from gem_fast.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, adamw_update_ratio
 from gem_fast.policy import PolicyLoss
-from gem_fast.run_dir import (LOCK_NAME, claim_out_dir, model_source, open_metrics, run_lock,
-                              trained_chat_template)
+from gem_fast.reporting import JsonlLog
+from gem_fast.run_dir import LOCK_NAME, claim_out_dir, model_source, run_lock, trained_chat_template
 from gem_fast.train import lr_factor, train
 
 CPU_ONE = DistEnv.single("cpu")
@@ -212,11 +212,11 @@ def test_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_stops(tmp_path,
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
     with caplog.at_level(logging.WARNING):
-        open_metrics(path, start=2).close()
+        JsonlLog(path).resume(2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and "torn last line" in caplog.text
     path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(UsageError, match="metrics.jsonl:2: not a JSON record"):
-        open_metrics(path, start=2)
+        JsonlLog(path).resume(2)
 
 
 def test_resume_refuses_changed_settings_unless_allowed_and_then_applies_the_new_lr(inputs, tmp_path):

@@ -14,8 +14,7 @@ import torch
 from tiny_lm import run_config, write_run_inputs
 
 from gem_fast.config import parse_config
-from gem_fast.objectives.sega import SampleLog
-from gem_fast.reporting import Reporter
+from gem_fast.reporting import JsonlLog, Reporter
 from gem_fast.sega import sega_advantages
 import gem_fast.train as train_module
 from gem_fast.train import train
@@ -101,8 +100,8 @@ def test_tensorboard_sink_writes_event_files(tmp_path):
 def test_sample_log_drops_the_lines_a_resumed_run_samples_again(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text('{"step": 2, "prompt": "a"}\n{"step": 4, "prompt": "b"}\n{"step": 6, "pro')  # torn by a kill
-    log = SampleLog(path)
-    log.append(4, [{"prompt": "c"}])
-    log.append(6, [{"prompt": "d"}])
+    log = JsonlLog(path)
+    log.write([{"step": 4, "prompt": "c"}])
+    log.write([{"step": 6, "prompt": "d"}])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in lines] == [(2, "a"), (4, "c"), (6, "d")]
