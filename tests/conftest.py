@@ -24,3 +24,11 @@ def tok():
     from tiny_lm import char_tokenizer  # imported here: after TRITON_INTERPRET is set above
 
     return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A saved tiny model and its training pairs (tests/tiny_lm.py), ``(model_dir, data)``, one per test module."""
+    from tiny_lm import write_run_inputs
+
+    return write_run_inputs(tmp_path_factory.mktemp("inputs"))
