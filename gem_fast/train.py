@@ -47,8 +47,7 @@ from gem_fast.objectives import StopRequested, make_objective, read_rows
 from gem_fast.policy import MicroBatch, PairLoss, PolicyLoss
 from gem_fast.prefix_sharing import resolve_prefix_sharing
 from gem_fast.reporting import Reporter
-from gem_fast.run_dir import (checked_paths, claim_out_dir, file_sha256, open_metrics, run_lock,
-                              settings_changes)
+from gem_fast.run_dir import checked_paths, claim_out_dir, file_sha256, run_lock, settings_changes
 
 __all__ = ["TrainResult", "DivergenceError", "NonFiniteLossError", "lr_factor", "build_policy", "train", "run"]
 
@@ -269,8 +268,9 @@ def train(
         if env.rank == 0:
             (out_dir / "train_config.json").write_text(json.dumps(
                 {**cfg.to_flat(), "train_data_sha256": settings["train_data_sha256"]}, indent=1))
-        metrics = open_metrics(out_dir / "metrics.jsonl", start) if env.rank == 0 else None
         bar = tqdm(total=total_steps, initial=start, desc=run.objective, disable=env.rank != 0 or not run.progress)
+        if env.rank == 0:
+            reporter.open(start, console=bar.write if run.progress else None)
         losses: list[float] = []
         stopped = None
 
@@ -300,14 +300,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             record["step_time_s"] = time.perf_counter() - t0
             losses.append(record["loss"])
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                reporter.log(record)
+            if env.rank == 0:
                 bar.update(1)
-                if run.progress:
-                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in record.items()))
+                reporter.log(record)
             done = step + 1
             if stop or (run.save_every and done % run.save_every == 0):
                 last_ckpt = checkpoint(done)
@@ -317,8 +312,6 @@ def train(
                 stopped = received.get("signal", signal.SIGTERM)  # another rank may have received it
                 break
         bar.close()
-        if metrics is not None:
-            metrics.close()
         reporter.close()
         if stopped is None and run.export_hf:
             export_hf(model, tokenizer, out_dir / "final", dtype=export_dtype(run.export_dtype, env.device))

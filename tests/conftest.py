@@ -34,3 +34,11 @@ def llama_module_restored(monkeypatch):
 
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A saved tiny model and its training pairs (tests/tiny_lm.py), ``(model_dir, data)``, one per test module."""
+    from tiny_lm import write_run_inputs
+
+    return write_run_inputs(tmp_path_factory.mktemp("inputs"))

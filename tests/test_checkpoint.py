@@ -8,15 +8,10 @@ import signal
 
 import pytest
 import torch
-from tiny_lm import run_config, write_run_inputs
+from tiny_lm import run_config
 
 from gem_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gem_fast.train import NonFiniteLossError, train
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return write_run_inputs(tmp_path_factory.mktemp("ckpt"))
 
 
 def _sigterm_during(step: int):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest_models import smollm2_model, smollm2_tokenizer
+from smollm2 import smollm2_model, smollm2_tokenizer
 from transformers import LlamaForCausalLM
 
 from gem_fast import models

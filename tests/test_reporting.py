@@ -1,10 +1,12 @@
-"""--report_to sinks beside metrics.jsonl, and SEGA's samples.jsonl."""
+"""The metrics path (gem_fast/reporting.py): metrics.jsonl and its resume truncation, the console line, the
+--report_to sinks, and SEGA's samples.jsonl through the same JSONL writer."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import math
 import sys
 import types
@@ -13,10 +15,10 @@ import pytest
 import torch
 from tiny_lm import run_config, write_run_inputs
 
-from gem_fast.flags import parse_config
-from gem_fast.objectives.sega import SampleLog
-from gem_fast.reporting import Reporter
 from gem_fast.advantages import sega_advantages
+from gem_fast.errors import UsageError
+from gem_fast.flags import parse_config
+from gem_fast.reporting import JsonlLog, Reporter
 import gem_fast.train as train_module
 from gem_fast.train import train
 
@@ -101,8 +103,28 @@ def test_tensorboard_sink_writes_event_files(tmp_path):
 def test_sample_log_drops_the_lines_a_resumed_run_samples_again(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text('{"step": 2, "prompt": "a"}\n{"step": 4, "prompt": "b"}\n{"step": 6, "pro')  # torn by a kill
-    log = SampleLog(path)
-    log.append(4, [{"prompt": "c"}])
-    log.append(6, [{"prompt": "d"}])
+    log = JsonlLog(path)
+    log.write([{"step": 4, "prompt": "c"}])
+    log.write([{"step": 6, "prompt": "d"}])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in lines] == [(2, "a"), (4, "c"), (6, "d")]
+
+
+def test_torn_last_metrics_line_is_dropped_and_a_bad_middle_line_stops(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING):
+        JsonlLog(path).resume(2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and "torn last line" in caplog.text
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(UsageError, match="metrics.jsonl:2: not a JSON record"):
+        JsonlLog(path).resume(2)
+
+
+def test_progress_false_prints_no_step_lines_and_true_one_per_step(inputs, tmp_path, capsys):
+    model_dir, data = inputs
+    train(run_config(model_dir, data, tmp_path / "quiet", export_hf=False, progress=False))
+    quiet = capsys.readouterr()
+    assert "grad_norm" not in quiet.out + quiet.err
+    train(run_config(model_dir, data, tmp_path / "shown", export_hf=False, progress=True))
+    assert capsys.readouterr().out.count("grad_norm") == 3

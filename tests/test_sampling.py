@@ -8,7 +8,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_models import smollm2_model, smollm2_tokenizer
+from smollm2 import smollm2_model, smollm2_tokenizer
 from kernel_reference import entropy_f64
 
 from gem_fast.models import tiny_llama

@@ -1,18 +1,27 @@
-"""Training engine on a tiny Llama (CPU): FSDP2 over 2 gloo processes equals one process; fused loss equals naive."""
+"""Training engine on a tiny Llama (CPU): FSDP2 over 2 gloo processes equals one process; fused loss equals naive;
+SIGTERM and Ctrl-C checkpoint and stop the loop."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_runs import train_sft
 from safetensors.torch import load_file
 from tiny_lm import char_tokenizer, join_gloo, run_config, tiny_model, write_run_inputs
 
+import gem_fast.train as train_module
 from gem_fast.data import load_preference_jsonl
 from gem_fast.logprobs import pair_logprobs, response_targets
 from gem_fast.models import load_model_and_tokenizer
@@ -21,6 +30,7 @@ from gem_fast.distributed import DistEnv, free_port, parallelize
 from gem_fast.objectives import SFT
 from gem_fast.objectives.pairs import reference_logprobs
 from gem_fast.policy import PolicyLoss
+from gem_fast.run_dir import LOCK_NAME
 from gem_fast.cli import main
 from gem_fast.train import lr_factor, train
 
@@ -260,3 +270,99 @@ def test_sft_trains_alike_on_pair_completion_and_chat_rows(tmp_path):
                          chat_template=name != "chat")
         losses[name] = train(cfg).losses
     assert losses["pairs"] == losses["completion"] == losses["chat"]
+
+
+def test_sigterm_checkpoints_and_exits_143_without_a_traceback(inputs, tmp_path, monkeypatch, capsys):
+    model_dir, data = inputs
+
+    def sigterm_at_step_1(done: int, record: dict, policy: torch.nn.Module) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2; the loop stops after it
+
+    monkeypatch.setattr(train_module, "train", functools.partial(train, on_step=sigterm_at_step_1))
+    argv = ["--model_name_or_path", str(model_dir), "--train_jsonl", str(data), "--out_dir", str(tmp_path),
+            "--max_steps", "5", "--progress", "false", "--export_hf", "false"]
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train_sft(argv) == 128 + signal.SIGTERM
+    finally:  # main leaves a no-op SIGTERM handler for the process's exit
+        signal.signal(signal.SIGTERM, handler)
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_signal_stops_sega_between_micro_steps_and_the_resumed_run_matches(inputs, tmp_path, monkeypatch):
+    model_dir, data = inputs
+    kw = dict(objective="sega", k=2, gen_max_new_tokens=4, batch_size=1, grad_accum=3, max_steps=3, export_hf=False)
+    full = train(run_config(model_dir, data, tmp_path / "full", **kw))
+    samples = []
+    sample = PolicyLoss.sample
+    monkeypatch.setattr(PolicyLoss, "sample", lambda self, *a, **k: samples.append(1) or sample(self, *a, **k))
+
+    def sigint_after_step_1(done: int, record: dict, policy: torch.nn.Module) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C; step 2 then samples its first micro-step only
+
+    stopped = train(run_config(model_dir, data, tmp_path / "run", **kw), on_step=sigint_after_step_1)
+    assert (stopped.stopped_by_signal, stopped.steps_done, len(samples)) == (signal.SIGINT, 1, 3 + 1)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
+    resumed = train(run_config(model_dir, data, tmp_path / "run", **kw, resume=True))
+    assert resumed.losses == pytest.approx(full.losses[1:], rel=1e-6)
+
+
+def _start_training(tmp_path: Path, inputs, script: str, out: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
+    """``scripts/<script>`` on the tiny model for far more steps than the test waits for; its stderr file."""
+    model_dir, data = inputs
+    root = Path(__file__).resolve().parents[1]
+    err = tmp_path / f"{out.name}-stderr.txt"
+    argv = [sys.executable, str(root / "scripts" / script), "--model_name_or_path", str(model_dir),
+            "--train_jsonl", str(data), "--out_dir", str(out), "--epochs", "1000", "--progress", "false", *flags]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err.open("w"), env=env), err
+
+
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
+    for _ in range(1200):
+        if ready():
+            return
+        assert proc.poll() is None, f"the run ended before {what}"
+        subprocess.run(["sleep", "0.1"])
+    proc.kill()
+    pytest.fail(f"never saw {what}")
+
+
+ANNOUNCED = "SIGINT: stopping after this step with a checkpoint; resume with --resume (Ctrl-C again stops at once)"
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_acknowledged_checkpoints_the_step_and_a_second_one_stops_at_once(inputs, tmp_path):
+    out = tmp_path / "sft"
+    proc, err = _start_training(tmp_path, inputs, "train_sft.py", out, "--save_every", "4")
+    metrics = out / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 1, "step 2")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    text = err.read_text()
+    assert text.count(ANNOUNCED) == 1 and "Traceback" not in text, text
+    steps = len(metrics.read_text().splitlines())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step_{steps:08d}"  # nothing lost
+    assert not (out / LOCK_NAME).exists()
+
+    # A SEGA step on the CPU samples for seconds: the second Ctrl-C lands inside it and does not wait for it.
+    out = tmp_path / "sega"
+    proc, err = _start_training(tmp_path, inputs, "train_sega.py", out, "--k", "2", "--gen_max_new_tokens", "256")
+    _wait_for(proc, lambda: "global batch" in err.read_text(), "the first step")
+    proc.send_signal(signal.SIGINT)
+    _wait_for(proc, lambda: ANNOUNCED in err.read_text(), "the announcement")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    text = err.read_text()
+    assert text.strip().splitlines()[-1] == ("train_sega.py: error: stopped at once by a second Ctrl-C; the last "
+                                            "checkpoint is kept (--resume continues from it)"), text
+    assert "Traceback" not in text and not (out / LOCK_NAME).exists()
+    # It landed inside step 1, or (a loaded machine, candidates that hit EOS early) inside step 1's save:
+    # either way no step is logged beyond 1 and a save it cut short left only its ``.tmp_`` folder.
+    steps = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    complete = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []
+    assert steps <= 1 and all(int(name.removeprefix("step_")) <= steps for name in complete), (steps, complete)

@@ -8,7 +8,6 @@ computed once, before training (:func:`reference_logprobs`), and looked up per m
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from gem_fast.distributed import DistEnv, all_gather_strided, broadcast_flag
 from gem_fast.logprobs import PairLogprobs, sequence_logprobs
 from gem_fast.objectives.base import Objective, step_rows
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
+from gem_fast.run_dir import file_sha256
 
 __all__ = ["dpo_loss", "ipo_loss", "preference_loss", "reference_logprobs", "PairObjective"]
 
@@ -111,7 +111,7 @@ def reference_logprobs(policy: PolicyLoss, pairs: list[PreferencePair], tokenize
     data file contents, model path and tokenisation. Rank 0 decides for all ranks, so they run
     the same collectives.
     """
-    key = {"train_jsonl_sha256": hashlib.sha256(Path(run.train_jsonl).read_bytes()).hexdigest(),
+    key = {"train_jsonl_sha256": file_sha256(run.train_jsonl),
            "pairs": str(len(pairs)), "model": str(run.model_name_or_path), "max_length": str(run.max_length),
            "chat_template": str(run.chat_template)}
     hit = False

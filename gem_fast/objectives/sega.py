@@ -15,8 +15,6 @@ keep k-member groups, so one micro-step can hold both sizes.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -28,10 +26,11 @@ from gem_fast.data import PreferencePair, encode_prompts, join_prompt_and_genera
 from gem_fast.objectives.base import Objective
 from gem_fast.policy import MicroBatch, PolicyLoss, StepBatches
 from gem_fast.ranking import anchor_human_pair, candidate_ratings, entropy_wins
-from gem_fast.scoring import answer_span, entropy_score, top_m_mask
 from gem_fast.advantages import sega_advantages, sega_token_weights
+from gem_fast.reporting import JsonlLog
+from gem_fast.scoring import answer_span, entropy_score, top_m_mask
 
-__all__ = ["SEGA", "STATS", "Groups", "Row", "SampleLog", "row_prompt"]
+__all__ = ["SEGA", "STATS", "Groups", "Row", "row_prompt"]
 
 STATS = ("score_mean", "no_answer_frac", "adv_abs_mean", "entropy_mean", "gen_len_mean")
 """The step statistics SEGA logs (means over the step's prompts, then over ranks)."""
@@ -79,7 +78,7 @@ class Groups:
 class SEGA(Objective):
     """Self-evaluated group advantages on k sampled candidates per prompt (sampling and sega sections)."""
 
-    samples: SampleLog | None = None
+    samples: JsonlLog | None = None
 
     @staticmethod
     def read_rows(path: str) -> list[Row]:
@@ -88,9 +87,12 @@ class SEGA(Objective):
         return load_group_rows(path)
 
     def prepare(self, policy: PolicyLoss, out_dir: Path) -> None:
-        """Every ``log_samples_every`` steps rank 0 logs its candidates to ``out_dir/samples.jsonl``."""
+        """Every ``log_samples_every`` steps rank 0 logs its candidates to ``out_dir/samples.jsonl``: one line
+        per prompt with ``step`` (1-based, as in ``metrics.jsonl``), ``prompt``, ``candidates`` (text),
+        ``scores``, ``advantages`` and ``anchored`` (:func:`_sample_records`). Its first write drops the
+        lines of that step and later ones (a resumed run samples them again; a fresh run starts at step 1)."""
         if self.cfg.sega.log_samples_every > 0:
-            self.samples = SampleLog(out_dir / "samples.jsonl")
+            self.samples = JsonlLog(out_dir / "samples.jsonl")
 
     def generator(self, step: int) -> torch.Generator:
         """The sampling generator of optimizer step ``step``, seeded by (seed, step, rank): a resumed run
@@ -129,7 +131,7 @@ class SEGA(Objective):
                 samples += _sample_records(self.tokenizer, [row_prompt(r) for r in rows], groups, scores, adv)
         policy.train()
         if samples:
-            self.samples.append(step + 1, samples)
+            self.samples.write([{"step": step + 1, **r} for r in samples])
         return micro_batches, dict(zip(STATS, torch.stack(stats).mean(0)))
 
     def groups(self, policy: PolicyLoss, rows: list[Row], generator: torch.Generator
@@ -266,31 +268,3 @@ def _sample_records(tokenizer: Any, prompts: list[str], groups: Groups, scores: 
                         "advantages": adv_list[members], "anchored": anchored})
         start += size
     return records
-
-
-class SampleLog:
-    """``samples.jsonl``: per logged step, one line per prompt of rank 0 with ``step`` (1-based, as in
-    ``metrics.jsonl``), ``prompt``, ``candidates`` (text), ``scores`` and ``advantages`` (k each)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._first = True
-
-    def append(self, step: int, records: list[dict[str, Any]]) -> None:
-        """Append ``records`` of optimizer step ``step``. The first append of a run drops lines of this step
-        and later ones (a resumed run samples them again; a fresh run starts at step 1)."""
-        if self._first and self.path.exists():
-            self.path.write_text("".join(line + "\n" for line in self.path.read_text().splitlines()
-                                         if _step_of(line) < step))
-        self._first = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
-
-
-def _step_of(line: str) -> float:
-    """The step of a samples.jsonl line; a torn line (a killed write) counts as past every step."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf

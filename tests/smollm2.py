@@ -1,6 +1,6 @@
 """Once-per-session loaders of the embedded SmolLM2 for test_sampling.py and test_models.py.
 
-Imported by those files (not a conftest): the tokenizer and the real 135M model are loaded at
+Imported by those files: the tokenizer and the real 135M model are loaded at
 most once per pytest session, whichever test asks first (from the converted folder of
 :func:`gem_fast.models.embedded_model_dir`; its first use on a machine converts the GGUF, ~40 s).
 """

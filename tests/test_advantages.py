@@ -1,4 +1,4 @@
-"""Reward mappings, group advantages, the SEGA token weights through the policy loss, and the SFT / DPO / IPO baselines."""
+"""Reward mappings, group advantages, and the SEGA token weights through the policy loss (gem_fast/advantages.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import pytest
 import torch
 from tiny_lm import tiny_model
 
-from gem_fast.config import TrainConfig
-from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
-from gem_fast.distributed import DistEnv
-from gem_fast.logprobs import pair_logprobs, sequence_logprobs
-from gem_fast.objectives import SFT
-from gem_fast.objectives.pairs import dpo_loss, ipo_loss, preference_loss
-from gem_fast.policy import PolicyLoss
 from gem_fast.advantages import map_rewards, sega_advantages, sega_token_weights
+from gem_fast.data import encode_prompt_responses
+from gem_fast.logprobs import sequence_logprobs
+from gem_fast.policy import PolicyLoss
 
 INF = math.inf
 
@@ -147,57 +143,3 @@ def test_sega_token_weights_shape_and_checks():
         sega_token_weights(torch.zeros(2, 2, 2), 2, width=3)
     with pytest.raises(ValueError, match="groups"):
         sega_token_weights(torch.zeros(2, 2), 0, width=3)
-
-
-def test_dpo_and_ipo_against_their_formulas():
-    policy_chosen = torch.tensor([-1.0, -4.0], requires_grad=True)
-    policy_rejected = torch.tensor([-3.0, -2.0])
-    ref_chosen = torch.tensor([-2.0, -4.0], requires_grad=True)
-    ref_rejected = torch.tensor([-2.5, -3.0])
-    # Margins: (2 - 0.5) = 1.5 and (-2 - (-1)) = -1; beta = 0.5.
-    dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
-    expected = (math.log1p(math.exp(-0.75)) + math.log1p(math.exp(0.5))) / 2
-    assert dpo.item() == pytest.approx(expected)
-    dpo.backward()
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    assert_values(policy_chosen.grad, [-0.5 * sig(-0.75) / 2, -0.5 * sig(0.5) / 2])
-    assert ref_chosen.grad is None  # the reference is never trained through
-    ipo = ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
-    assert ipo.item() == pytest.approx(((1.5 - 1.0) ** 2 + (-1.0 - 1.0) ** 2) / 2)
-    with pytest.raises(ValueError, match="beta"):
-        dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.0)
-    with pytest.raises(ValueError, match="ref_rejected"):
-        ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected[:1])
-
-
-PAIRS = [PreferencePair("Q: 2+2?", " 4", " 5"), PreferencePair("Say hi", " hello", " no")]
-
-
-def test_sft_baseline_is_the_mean_response_nll(model, tok):
-    policy = PolicyLoss(model, backend="torch")
-    (mb,), stats = SFT(TrainConfig.from_flat({"batch_size": 2}), DistEnv.single(), PAIRS, tok).step_batches(policy, 0)
-    loss = policy(mb.batch.input_ids, mb.batch.attention_mask, mb.batch.response_mask, mb.token_weights)
-    chosen = encode_pairs(tok, PAIRS).rows(slice(0, 2))
-    labels = torch.where(chosen.response_mask, chosen.input_ids, -100)
-    reference = model(input_ids=chosen.input_ids, attention_mask=chosen.attention_mask, labels=labels).loss
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert stats["tokens_per_rank"].item() == (labels[:, 1:] != -100).sum().item()
-
-
-@pytest.mark.parametrize("length_normalize", [False, True])
-def test_dpo_ipo_baselines_with_cached_reference_of_the_same_model(model, tok, length_normalize):
-    # Reference == policy: every margin is 0, so DPO = log 2 and IPO = (1 / (2 beta))^2.
-    cached = pair_logprobs(model, tok, PAIRS + [PreferencePair("x", "y", "z")], backend="torch")
-    reference = cached.select(torch.tensor([0, 1]))
-    batch = encode_pairs(tok, PAIRS)
-    opts = dict(beta=0.5, length_normalize=length_normalize, backend="torch")
-    dpo = preference_loss("dpo", model, batch, reference, **opts)
-    assert dpo.item() == pytest.approx(math.log(2), abs=1e-5)
-    dpo.backward()
-    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
-    ipo = preference_loss("ipo", model, batch, reference, **opts)
-    assert ipo.item() == pytest.approx(1.0, abs=1e-4)
-    with pytest.raises(ValueError, match="reference"):
-        preference_loss("dpo", model, batch, None)
-    with pytest.raises(ValueError, match="kind"):
-        preference_loss("sega", model, batch, reference)
