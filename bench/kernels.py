@@ -17,12 +17,10 @@ of tokens. Results go to ``<out>/<device>/``: ``results.json``, ``results.md`` a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,16 +31,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .common import (  # noqa: E402
-    PeakMemory,
-    RepeatPolicy,
-    device_name,
-    environment,
-    error_line,
-    measure,
-    measure_interleaved,
-    median_seconds,
-    results_dir,
-    status_counts,
+    PeakMemory, RepeatPolicy, bench_parser, copy_gbps, device_name, environment, error_line, matmul_tflops,
+    measure_interleaved, median_seconds, report, results_dir, status_counts,
 )
 from .kernel_ops import (  # noqa: E402
     ERR_TOKENS,
@@ -160,15 +150,8 @@ class Probes:
     copy_gbps: list[float] = field(default_factory=list)
 
     def run(self, config: Config, device: torch.device) -> None:
-        m, k, n = config.probe_matmul
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        policy = RepeatPolicy(warmup=1, min_reps=3, max_reps=20, budget_s=0.5)
-        self.matmul_tflops.append(2 * m * k * n / median_seconds(measure(lambda: a @ b, device, policy)) / 1e12)
-        src = torch.empty(config.probe_copy_bytes // 4, device=device)
-        dst = torch.empty_like(src)
-        seconds = median_seconds(measure(lambda: dst.copy_(src), device, policy))
-        self.copy_gbps.append(2 * config.probe_copy_bytes / seconds / 1e9)  # read + write
+        self.matmul_tflops.append(matmul_tflops(device, *config.probe_matmul))
+        self.copy_gbps.append(copy_gbps(device, config.probe_copy_bytes))
 
     def as_dict(self) -> dict:
         # Fractions use the best rate seen: on a shared machine that errs against gem_fast.
@@ -328,27 +311,17 @@ def _log_line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny shapes, seconds (CI)")
-    size.add_argument("--full", action="store_true", help="the sweep sized for the device (default)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results root; files go to OUT/<device>/ (default: bench/results, "
-                             "or a temporary folder with --quick)")
+    parser = bench_parser("python -m bench.kernels", __doc__, quick="tiny shapes, seconds (CI)",
+                          out="results root; files go to OUT/<device>/ (default: bench/results, "
+                              "or a temporary folder with --quick)")
     opts = parser.parse_args(argv)
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    out_dir = results_dir(opts.out, opts.quick, device)
     doc = run(make_config("quick" if opts.quick else "full", device), device, log=lambda line: print(line, flush=True))
-    paths, bad = write_outputs(doc, out_dir)
-    for path in paths:
-        print(f"wrote {path}")
-    print(f"{len(doc['rows'])} rows in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}")
-    if bad:
-        print(f"{bad} rows failed their checks and are marked invalid in {out_dir / 'results.json'}")
-    return 1 if bad else 0
+    paths, bad = write_outputs(doc, results_dir(opts.out, opts.quick, device))
+    return report(paths, f"{len(doc['rows'])} rows in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}",
+                  bad)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ import torch
 from gem_fast.plan.memory import host_load_bytes
 from gem_fast.plan.shapes import ModelShape
 
-from .common import environment, peak_rss_bytes, random_llama, rss_bytes, write_results
+from gem_fast.models import tiny_llama
+
+from .common import environment, peak_rss_bytes, rss_bytes, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -58,7 +60,7 @@ def _write_inputs(folder: Path) -> tuple[Path, Path]:
     if len(tokenizer) != SHAPE.vocab:
         raise RuntimeError(f"the embedded tokenizer has {len(tokenizer)} tokens, SHAPE expects {SHAPE.vocab}")
     model_dir = folder / "model"
-    model = random_llama(SHAPE, torch.device("cpu")).to(torch.bfloat16)
+    model = tiny_llama(shape=SHAPE, init_std=0.02).to(torch.bfloat16)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     del model

@@ -45,7 +45,9 @@ from gem_fast.plan.memory import GIB, markdown_table, plan_memory
 from gem_fast.plan.workload import Sampling, Setup, setup_from_train_config
 from gem_fast.plan.shapes import ModelShape, model_shape
 
-from .common import PeakMemory, environment, random_llama, write_results
+from gem_fast.models import tiny_llama
+
+from .common import PeakMemory, environment, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def _build_policy(shape: ModelShape, setup: Setup):
     from gem_fast.distributed import parallelize
     from gem_fast.policy import PolicyLoss
 
-    model = random_llama(shape, torch.device("cpu"))
+    model = tiny_llama(shape=shape, init_std=0.02).train()
     backend = "naive" if setup.loss == "naive" else "torch"
     policy = parallelize(PolicyLoss(model, backend=backend), activation_checkpointing=setup.activation_checkpointing,
                          sharded=setup.sharded, device=torch.device("cpu"))

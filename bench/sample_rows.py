@@ -18,13 +18,11 @@ Writes ``DIR/sample_rows.json`` and ``DIR/sample_rows.md``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,7 +31,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .common import RepeatPolicy, environment, measure_interleaved, write_results  # noqa: E402
+from .common import RepeatPolicy, bench_parser, environment, measure_interleaved, report, write_results  # noqa: E402
 
 PROVIDERS = ("gem_fast:torch", "gem_fast:triton", "torch_ops")
 
@@ -162,25 +160,20 @@ def markdown(doc: dict) -> str:
     load = f", load average {env['loadavg'][0]:.1f} at the end" if env.get("loadavg") else ""
     head = (f"# One sampling step: sample_tokens vs separate torch ops\n\n{env['device']}, torch {env['torch']}, "
             f"{env['cpu_threads']} threads{load}; temperature {doc['setup']['temperature']}, median of the timed "
-            "calls (providers interleaved).\n\n")
+            "calls (providers interleaved); torch_ops = softmax, entropy from log_softmax, sort + cumsum for top-p, "
+            "torch.multinomial. `triton agrees`: the fraction of rows where the triton backend drew the torch "
+            "backend's token.\n\n")
     return head + "\n".join(table(doc["rows"])) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sample_rows", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for sample_rows.json and sample_rows.md")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    opts = parser.parse_args(argv)
+    opts = bench_parser("python -m bench.sample_rows", __doc__, quick="tiny shapes (seconds)", device="cpu",
+                        out="folder for sample_rows.json and sample_rows.md", out_required=True, threads=2
+                        ).parse_args(argv)
     torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     doc = run(make_setup("quick" if opts.quick else "full", device), device)
-    paths = write_results(opts.out, "sample_rows", doc, markdown(doc))
-    print("\n".join(table(doc["rows"])))
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return report(write_results(opts.out, "sample_rows", doc, markdown(doc)), "\n".join(table(doc["rows"])))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import RepeatPolicy, device_slug, environment, measure, measure_interleaved, median_seconds
+from bench.common import RepeatPolicy, copy_gbps, device_slug, environment, measure_interleaved
 from gem_fast.models import load_model_and_tokenizer
 from gem_fast.sampling import sample_group
 
@@ -66,15 +66,6 @@ def step_bytes(model, batch: int, k: int, prompt_len: int, new_tokens: int) -> i
     generated K/V at mid-decode (new_tokens / 2 tokens)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return weights + _kv_bytes_per_token(model) * (batch * prompt_len + batch * k * new_tokens // 2)
-
-
-def copy_gbps(device: torch.device, nbytes: int) -> float:
-    """Copy rate of this device now, GB/s counting read + write, median of a few copies of ``nbytes``."""
-    src = torch.empty(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    seconds = median_seconds(measure(lambda: dst.copy_(src), device,
-                                     RepeatPolicy(warmup=1, min_reps=5, max_reps=20, budget_s=0.3)))
-    return 2 * nbytes / seconds / 1e9
 
 
 def _generate(model, input_ids, attention_mask, method: str, k: int, new_tokens: int, pad_token_id) -> torch.Tensor:

@@ -20,19 +20,18 @@ Writes ``DIR/sega_prefix.json`` and ``DIR/sega_prefix.md``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from .common import RepeatPolicy, environment, measure_interleaved, random_llama, write_results
+from .common import RepeatPolicy, bench_parser, environment, measure_interleaved, report, write_results
 from gem_fast.data import EncodedBatch, join_prompt_and_generation
+from gem_fast.models import tiny_llama
 from gem_fast.policy import PolicyLoss
 from gem_fast.prefix_sharing import pack_groups, resolve_prefix_sharing
 from gem_fast.advantages import sega_token_weights
@@ -155,16 +154,16 @@ def markdown(doc: dict) -> str:
     head = (f"# SEGA step, repeated vs prefix-shared layout\n\n{m['type']} ({m['params'] / 1e6:,.0f} M parameters, "
             f"{m['dtype']}, attention `{m['attention']}`) on {doc['environment']['device']}, "
             f"{doc['environment']['cpu_threads']} threads; {c['prompts']} prompt(s) of {c['prompt_len']} tokens, "
-            f"k={c['k']} candidates of {c['response_len']} tokens; forward, backward, AdamW; median of {c['reps']}.\n\n")
+            f"k={c['k']} candidates of {c['response_len']} tokens; forward, backward, AdamW; median of {c['reps']} "
+            "after a warm-up. Peak: beyond weights, gradients and AdamW state"
+            + (", gradients compared under bf16 autocast.\n\n" if m["autocast"] else ".\n\n"))
     return head + "\n".join(table(doc)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sega_prefix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for sega_prefix.json and sega_prefix.md")
-    parser.add_argument("--quick", action="store_true", help="a tiny random Llama and short rows (seconds)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser = bench_parser("python -m bench.sega_prefix", __doc__, quick="a tiny random Llama and short rows (seconds)",
+                          device="cpu", out="folder for sega_prefix.json and sega_prefix.md", out_required=True,
+                          threads=2)
     parser.add_argument("--reps", type=int, default=None, help="timed steps per layout (default 3)")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -175,17 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--reps must be >= 1, got {opts.reps}")
         case = Case(**{**asdict(case), "reps": opts.reps})
     if opts.quick:
-        model = random_llama(QUICK_SHAPE, device)
+        model = tiny_llama(shape=QUICK_SHAPE, init_std=0.02, device=device)
     else:
         from gem_fast.models import load_model
 
         model = load_model(None, device=device)  # the embedded SmolLM2-135M, fp32
     doc = run(model, case, device)
-    paths = write_results(opts.out, "sega_prefix", doc, markdown(doc))
-    print("\n".join(table(doc)))
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return report(write_results(opts.out, "sega_prefix", doc, markdown(doc)), "\n".join(table(doc)))
 
 
 if __name__ == "__main__":

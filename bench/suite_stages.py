@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .common import mark_bad_rows
 from .gpu_suite import REPO, StageContext, StageSkipped
 
 if TYPE_CHECKING:
@@ -35,13 +36,17 @@ def _device(ctx: StageContext) -> torch.device:
     return torch.device("cuda")
 
 
-def _checked(problem: Callable[[dict], str | None]) -> Callable[[dict], dict]:
-    """Marks a row that ``problem`` rejects (``row["invalid"]``) instead of dropping it or the run."""
-    def check(row: dict) -> dict:
-        if reason := problem(row):
-            row["invalid"] = reason
-        return row
+def _checked(problem: Callable[[dict], str | None], emit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``emit`` after marking a row that ``problem`` rejects (``row["invalid"]``), instead of dropping it or the run."""
+    def check(row: dict) -> None:
+        mark_bad_rows([row], problem)
+        emit(row)
     return check
+
+
+def _body(markdown: str) -> list[str]:
+    """A benchmark's markdown report without its title line: the stage's section of results.md."""
+    return markdown.split("\n", 1)[1].strip("\n").splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,21 +172,11 @@ def _kernel_stage(ctx: StageContext, op_kind: str) -> None:
     from . import kernels as kernel_bench
 
     device = _device(ctx)
-    check = _checked(kernel_report.row_problem)
     doc = kernel_bench.run(kernel_config(ctx.dry_run, op_kind), device, log=lambda line: print(line, flush=True),
-                           emit=lambda row: ctx.emit(check(row)))
+                           emit=_checked(kernel_report.row_problem, ctx.emit))
     ctx.replace_rows(doc["rows"])  # rate fractions against the best of both probes
     ctx.note(**{k: doc[k] for k in ("config", "environment", "probes", "providers", "wall_s")})
-    probes = doc["probes"]
-    ctx.section([
-        f"Same-run probes: {'bf16' if device.type == 'cuda' else 'fp32'} matmul {probes['matmul_tflops_used']:.4g} "
-        f"TFLOP/s, copy {probes['copy_gbps_used']:.4g} "
-        f"GB/s (best of start and end). Peak extra memory beyond inputs and returned gradients "
-        f"({doc['config']['memory_method']}); error: max abs vs float64 on the first {doc['config']['err_tokens']} "
-        f"tokens. {kernel_report.flops_note()}",
-        "",
-        *kernel_report.table(doc["rows"]),
-    ])
+    ctx.section(_body(kernel_report.markdown(doc)))
 
 
 def kernels(ctx: StageContext) -> None:
@@ -209,16 +204,12 @@ def train_step(ctx: StageContext) -> None:
         bench.make_setup("full", device), rows=4, policy=RepeatPolicy(warmup=2, min_reps=3, max_reps=5, budget_s=2.0))
     only = [bench.Variant("naive", False, False), bench.Variant("fused", False, False),
             bench.Variant("fused", True, False), bench.Variant("fused", True, True)]
-    check = _checked(bench.row_problem)
-    doc = bench.run(setup, device, log=lambda line: print(line, flush=True), emit=lambda row: ctx.emit(check(row)),
-                    only=only)
-    ctx.replace_rows([check(row) for row in doc["rows"]])  # MFU against the best of both probes
+    doc = bench.run(setup, device, log=lambda line: print(line, flush=True),
+                    emit=_checked(bench.row_problem, ctx.emit), only=only)
+    mark_bad_rows(doc["rows"], bench.row_problem)
+    ctx.replace_rows(doc["rows"])  # MFU against the best of both probes
     ctx.note(config=doc["config"], environment=doc["environment"], probes=doc["probes"])
-    cfg = doc["config"]
-    ctx.section([f"{cfg['model']}: {cfg['params'] / 1e6:,.0f} M parameters, {cfg['rows']} × {cfg['seq_len']} tokens "
-                 f"a step, {cfg['weights_dtype']} weights, {cfg['autocast'] or 'no'} autocast, AdamW. MFU against "
-                 f"the same-run matmul rate {doc['probes']['matmul_tflops_used']:.4g} TFLOP/s.", "",
-                 *bench.table(doc["rows"])])
+    ctx.section(_body(bench.markdown(doc)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,20 +248,15 @@ SAMPLING_CASES = (
 )
 
 
-def _sampling_model(config, shape: str, device: torch.device, dtype: torch.dtype, dry_run: bool):
-    """The random-weight model of ``shape``: the assets' SmolLM2 config, or the same Llama config at the
-    Llama-3.2-1B sizes of :data:`gem_fast.plan.shapes.PRESETS`."""
-    from gem_fast.plan.shapes import PRESETS
+def _random_model(tokenizer, config, device: torch.device, dtype: torch.dtype, dry_run: bool,
+                  shape: str | None = None):
+    """The assets' architecture with random weights in ``dtype``, eval mode: at the sizes of the preset ``shape``
+    of :data:`gem_fast.plan.shapes.PRESETS` (None: the config's own), or in a dry run at tiny_llama's test sizes."""
+    from gem_fast.models import tiny_llama
+    from gem_fast.plan.shapes import model_shape
 
-    from .gpu_assets import random_model
-
-    if shape == "llama-1b" and not dry_run:
-        s = PRESETS["llama-1b"]
-        config = config.__class__.from_dict({
-            **config.to_dict(), "hidden_size": s.hidden, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-            "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim, "intermediate_size": s.intermediate,
-            "vocab_size": s.vocab, "tie_word_embeddings": s.tied})
-    return random_model(config, device, dtype, tiny=dry_run)
+    sizes = None if dry_run else model_shape(shape or config)
+    return tiny_llama(tokenizer, shape=sizes, config=config, init_std=0.02, device=device).to(dtype)
 
 
 def sampling(ctx: StageContext) -> None:
@@ -301,7 +287,8 @@ def sampling(ctx: StageContext) -> None:
             continue
         began = time.monotonic()
         if shape not in models:
-            models = {shape: _sampling_model(config, shape, device, dtype, ctx.dry_run)}  # one model in memory
+            models = {shape: _random_model(tokenizer, config, device, dtype, ctx.dry_run,  # one model in memory
+                                           "llama-1b" if shape == "llama-1b" else None)}
         model = models[shape]
         got = bench.compare(model, input_ids, k=k, new_tokens=new, rounds=rounds, methods=list(methods), seed=0,
                             pad_token_id=tokenizer.pad_token_id, log=lambda line: print(line, flush=True))
@@ -351,9 +338,7 @@ def sample_rows(ctx: StageContext) -> None:
     doc = bench.run(bench.make_setup("quick" if ctx.dry_run else "full", device), device,
                     log=lambda line: print(line, flush=True), emit=ctx.emit)
     ctx.note(setup=doc["setup"], environment=doc["environment"])
-    ctx.section(["Median ms per call (providers interleaved); temperature 1; torch_ops = softmax, entropy from "
-                 "log_softmax, sort + cumsum for top-p, torch.multinomial. `triton agrees`: the fraction of rows "
-                 "where the triton backend drew the torch backend's token.", "", *bench.table(doc["rows"])])
+    ctx.section(_body(bench.markdown(doc)))
     if errors := [r for r in doc["rows"] if r["status"] != "ok"]:
         raise RuntimeError(f"sample_rows: {len(errors)} rows failed, first: {errors[0]['error']}")
 
@@ -400,13 +385,13 @@ def sega(ctx: StageContext) -> None:
     from gem_fast.objectives.sega import SEGA
     from gem_fast.policy import PolicyLoss
 
-    from .gpu_assets import load_assets, random_model
+    from .gpu_assets import load_assets
 
     device = _device(ctx)
     tokenizer, config = load_assets(_assets(ctx))
     model_dir = ctx.scratch / "model"
     # Built and saved on the CPU; train() loads it onto the device as it would any checkpoint.
-    random_model(config, torch.device("cpu"), torch.float32, tiny=ctx.dry_run).save_pretrained(model_dir)
+    _random_model(tokenizer, config, torch.device("cpu"), torch.float32, ctx.dry_run).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     flags = {"model_name_or_path": model_dir, "out_dir": ctx.scratch / "run",
              "train_jsonl": REPO / "data/arith/train.jsonl", "max_steps": 3, "grad_accum": 2,
@@ -452,14 +437,11 @@ def sega(ctx: StageContext) -> None:
 def sega_prefix(ctx: StageContext) -> None:
     """:mod:`bench.sega_prefix` on the random-weight SmolLM2-shaped model, fp32 weights under bf16 autocast:
     one SEGA step, 2 prompts of 512 tokens × k=4 candidates of 64, repeated vs prefix-shared layout."""
-    from transformers import AutoConfig
-
     from . import sega_prefix as bench
-    from .gpu_assets import random_model
+    from .gpu_assets import load_assets
 
     device = _device(ctx)
-    config = AutoConfig.from_pretrained(_assets(ctx))  # the tokenizer is not needed: random token ids
-    model = random_model(config, device, torch.float32, tiny=ctx.dry_run)
+    model = _random_model(*load_assets(_assets(ctx)), device, torch.float32, ctx.dry_run)
     case = bench.Case(prompts=1, prompt_len=16, response_len=4, k=2, reps=1) if ctx.dry_run else \
         bench.Case(prompts=2, reps=5)
     doc = bench.run(model, case, device, log=lambda line: print(line, flush=True))
@@ -467,9 +449,4 @@ def sega_prefix(ctx: StageContext) -> None:
         ctx.emit({"layout": layout, "status": "ok", **{k: v for k, v in doc[layout].items() if k != "times_s"}})
     ctx.note(**{k: doc[k] for k in ("case", "model", "environment", "max_rel_grad_diff", "loss_diff", "time_ratio",
                                     "peak_ratio")})
-    ctx.section([f"Random-weight {doc['model']['type']} ({doc['model']['params'] / 1e6:,.0f} M parameters, attention "
-                 f"`{doc['model']['attention']}`), {case.prompts} prompts of {case.prompt_len} tokens × k={case.k} "
-                 f"candidates of {case.response_len}; forward, backward, AdamW; median of {case.reps} after a warm-up. "
-                 "Peak: allocated beyond weights, gradients and AdamW state"
-                 + (", gradients compared under bf16 autocast." if doc["model"]["autocast"] else "."),
-                 "", *bench.table(doc)])
+    ctx.section(_body(bench.markdown(doc)))

@@ -28,7 +28,6 @@ Results go to ``<out>/<device>/train_step.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -37,7 +36,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,13 +44,13 @@ from transformers import PreTrainedModel
 # First: on a CPU it sets TRITON_INTERPRET, which must precede the loading of any Triton kernel.
 from . import kernels as kernel_bench
 from .common import (
-    PeakMemory, RepeatPolicy, environment, error_line, mark_bad_rows, measure, median_seconds, package_version,
-    random_llama, results_dir, status_counts, write_results,
+    PeakMemory, RepeatPolicy, bench_parser, check_row, environment, error_line, measure, median_seconds,
+    package_version, report, results_dir, status_counts, validate as common_validate, write_checked,
 )
 from gem_fast.kernels import resolve_backend
-from gem_fast.plan.shapes import PRESETS, ModelShape
 from gem_fast.liger_layers import apply_liger_layers, liger_layer_names, use_liger_layers
-from gem_fast.models import DEFAULT_GGUF_FILE, load_model
+from gem_fast.models import DEFAULT_GGUF_FILE, load_model, tiny_llama
+from gem_fast.plan.shapes import PRESETS, ModelShape
 from gem_fast.distributed import parallelize
 from gem_fast.policy import PolicyLoss
 
@@ -124,7 +122,7 @@ def variants() -> list[Variant]:
 def model_factory(setup: StepCase, device: torch.device) -> Callable[[], PreTrainedModel]:
     """A fresh model per variant, the same weights each time."""
     if setup.shape:
-        return lambda: random_llama(setup.shape, device)
+        return lambda: tiny_llama(shape=setup.shape, init_std=0.02, device=device).train()
     base = load_model(None, device=device)  # ~12 s from the GGUF: loaded once, copied per variant
     return lambda: copy.deepcopy(base).train()
 
@@ -300,29 +298,21 @@ def run(setup: StepCase, device: torch.device, log: Callable[[str], None] = prin
 # Validation and reports
 
 
-def row_problem(row: dict) -> str | None:
-    """What makes ``row`` incomplete or inconsistent (None: it is sound)."""
-    if missing := [f for f in REQUIRED_ROW_FIELDS if f not in row]:
-        return f"missing fields {missing}"
-    if row["status"] not in STATUSES:
-        return f"unknown status {row['status']!r}"
-    if row["status"] == "ok" and not (isinstance(row["time_s"], (int, float)) and row["time_s"] > 0
-                                      and row["repeats"] > 0 and isinstance(row["first_loss"], float)
-                                      and math.isfinite(row["first_loss"])):
+def _ok_problem(row: dict) -> str | None:
+    if not (isinstance(row["time_s"], (int, float)) and row["time_s"] > 0 and row["repeats"] > 0
+            and isinstance(row["first_loss"], float) and math.isfinite(row["first_loss"])):
         return "ok without a positive time and a finite loss"
-    if row["status"] != "ok" and not (row.get("reason") or row.get("error")):
-        return f"status {row['status']!r} without a reason or error"
     return None
+
+
+def row_problem(row: dict) -> str | None:
+    """What makes a training-step row incomplete or inconsistent (None: it is sound)."""
+    return check_row(row, REQUIRED_ROW_FIELDS, STATUSES, _ok_problem)
 
 
 def validate(doc: dict) -> None:
     """Raise ValueError unless ``doc`` is a complete results document with sound rows."""
-    for key in ("schema", "config", "environment", "probes", "rows"):
-        if key not in doc:
-            raise ValueError(f"results: missing {key!r}")
-    for i, row in enumerate(doc["rows"]):
-        if problem := row_problem(row):
-            raise ValueError(f"row {i}: {problem}")
+    common_validate(doc, ("schema", "config", "environment", "probes", "rows"), row_problem)
 
 
 def _mb(n: int | None) -> str:
@@ -389,37 +379,22 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(doc: dict, out_dir: Path) -> tuple[list[Path], int]:
-    """train_step.json and train_step.md under ``out_dir``; returns them and how many rows were marked
-    invalid (written all the same)."""
-    bad = mark_bad_rows(doc["rows"], row_problem)
-    return write_results(out_dir, "train_step", doc, markdown(doc)), bad
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, seconds (CI)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser("python -m bench.train_step", __doc__, quick="tiny model, seconds (CI)",
+                          out="results root; files go to OUT/<device>/ (default: bench/results, "
+                              "or a temporary folder with --quick)")
     parser.add_argument("--rows", type=int, help="rows a step (default: 8 GPU, 2 CPU, 2 quick)")
     parser.add_argument("--seq_len", type=int, help="tokens a row (default: 2048 GPU, 256 CPU, 128 quick)")
     parser.add_argument("--no_compile", action="store_true", help="do not run the torch.compile variants")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results root; files go to OUT/<device>/ (default: bench/results, "
-                             "or a temporary folder with --quick)")
     opts = parser.parse_args(argv)
     device = torch.device(opts.device)
     setup = make_setup("quick" if opts.quick else "full", device)
     setup = replace(setup, rows=opts.rows or setup.rows, seq_len=opts.seq_len or setup.seq_len,
                     skip_compile="--no_compile given" if opts.no_compile else setup.skip_compile)
-    out_dir = results_dir(opts.out, opts.quick, device)
     doc = run(setup, device, log=lambda line: print(line, flush=True))
-    paths, bad = write_outputs(doc, out_dir)
-    for path in paths:
-        print(f"wrote {path}")
-    print(f"{len(doc['rows'])} variants in {doc['wall_s']:.0f} s; {status_counts(doc['rows'], STATUSES)}")
-    if bad:
-        print(f"{bad} rows failed their checks and are marked invalid in {paths[0]}")
-    return 1 if bad else 0
+    paths, bad = write_checked(results_dir(opts.out, opts.quick, device), "train_step", doc, markdown, row_problem)
+    return report(paths, f"{len(doc['rows'])} variants in {doc['wall_s']:.0f} s; "
+                         f"{status_counts(doc['rows'], STATUSES)}", bad)
 
 
 if __name__ == "__main__":

@@ -309,35 +309,39 @@ def prepare_for_save(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def tiny_llama(
-    tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, init_std: float = 0.3
+    tokenizer=None, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, init_std: float = 0.3,
+    shape=None, config=None, device: str | torch.device = "cpu",
 ) -> LlamaForCausalLM:
-    """Random ``LlamaForCausalLM`` over ``tokenizer``'s vocabulary (tied embeddings, GQA 4 query / 2 KV heads).
+    """Random ``LlamaForCausalLM`` over ``tokenizer``'s vocabulary (tied embeddings, GQA 4 query / 2 KV heads),
+    or of ``shape`` (a :class:`gem_fast.plan.shapes.ModelShape`, e.g. a preset) when given; eval mode, fp32.
 
     For fast tests: same token ids and special tokens as the real model, a few hundred KFLOP per
     token besides the vocab projection. ``init_std`` is the weights' normal std: pretrained configs
     use 0.02, with which a model this small just repeats its last token; 0.3 gives varied greedy
-    continuations and peaked next-token distributions. Initialisation does not touch the global RNG.
+    continuations and peaked next-token distributions. ``config`` (an HF Llama config, e.g. a real
+    model's) supplies every field the sizes do not (RoPE, norm eps, special tokens): its architecture
+    with random weights. Built on ``device`` with the attention gem_fast picks there
+    (:func:`choose_attn_implementation`). Initialisation does not touch the global RNG.
     """
-    if hidden_size % 4 != 0 or hidden_size <= 0:
-        raise ValueError(f"hidden_size must be a positive multiple of 4 (4 attention heads), got {hidden_size}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        initializer_range=init_std,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    if shape is None:
+        if hidden_size % 4 != 0 or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive multiple of 4 (4 attention heads), got {hidden_size}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        sizes = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                     num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=hidden_size // 4, tie_word_embeddings=True)
+    else:
+        sizes = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                     num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                     num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, tie_word_embeddings=shape.tied)
+    special = {} if tokenizer is None else {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id")
+                                            for t in ("bos", "eos", "pad")}
+    base = config.to_dict() if config is not None else {"max_position_embeddings": 8192, **special}
+    llama_config = LlamaConfig.from_dict({**base, **sizes, "initializer_range": init_std})
+    device = torch.device(device)
+    llama_config._attn_implementation = choose_attn_implementation(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama_config)
     return model.eval()
