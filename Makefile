@@ -23,25 +23,31 @@ $(SETUP_STAMP): pyproject.toml constraints.txt
 	mkdir -p $(dir $@) && touch $@
 	@echo "setup: done ($(PY))"
 
+# Two pytest workers (pytest-xdist), one file each at a time, so a module's fixtures are built once;
+# tests/conftest.py pins torch to one thread per worker. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # Everything but the tests marked slow (subprocesses, 2-rank FSDP, benchmarks, the real 135M model).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The fast tests at another version set of the transformers stack (PINS: .ci/newest.txt,
 # .ci/gpu-5.17.txt): those packages go into .ci/overlay-<name> with --no-deps and lead sys.path,
-# so torch stays the local CPU 2.13 of .venv. The kernel-only test files are left out: gem_fast.kernels
-# imports no transformers (test_kernels.py checks it), so they cannot see these versions.
+# so torch stays the local CPU 2.13 of .venv. The test files of gem_fast.kernels and its planner are left
+# out: gem_fast.kernels imports no transformers (test_kernels.py checks it), so they cannot see these versions.
 PINS ?= .ci/newest.txt
 OVERLAY = .ci/overlay-$(basename $(notdir $(PINS)))
-KERNEL_ONLY_TESTS = --ignore=tests/test_kernels.py --ignore=tests/test_kernel_memory.py --ignore=tests/test_plan_kernel.py
+KERNEL_ONLY_TESTS = $(addprefix --ignore=tests/,test_kernels.py test_kernel_memory.py test_kernel_row_stats.py \
+	test_sample_rows.py test_plan_kernel.py)
 
 test-range: setup
 	PY=$(PY) bash .ci/overlay $(PINS) $(OVERLAY)
 	PYTHONPATH=$(abspath $(OVERLAY)) $(PY) -c "import torch, transformers, accelerate, trl; print('test-range:', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'trl', trl.__version__)"
-	PYTHONPATH=$(abspath $(OVERLAY)) $(PY) -m pytest -q -m "not slow" $(KERNEL_ONLY_TESTS) tests
+	PYTHONPATH=$(abspath $(OVERLAY)) $(PYTEST) -m "not slow" $(KERNEL_ONLY_TESTS) tests
 
 demo: setup
 	$(PY) scripts/demo.py --out_dir outputs/demo-$$(date +%Y%m%d-%H%M%S)

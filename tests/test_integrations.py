@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from gem_fast.distributed import free_port
 from gem_fast.integrations import FusedLogprobOutput, patch_causal_lm, unpatch_causal_lm
-from gem_fast.logprobs import output_head
 
 VOCAB, LENGTH = 300, 12
 # Extra config per family: Gemma's soft-cap and Cohere's scale set so that they change the logits.
@@ -100,12 +99,6 @@ def test_unpatched_calls_and_unpatch_restore_the_model():
     unpatch_causal_lm(model)
     assert "forward" not in vars(model) and model.forward.__func__ is type(model).forward
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
-
-
-def test_output_head_reads_scale_and_softcap():
-    assert output_head(tiny_model("cohere", tied=True))[2:] == (0.5, None)
-    assert output_head(tiny_model("gemma2", tied=False))[2:] == (1.0, 3.0)
-    assert output_head(tiny_model("llama", tied=True))[2:] == (1.0, None)
 
 
 def test_unsupported_model_gets_one_clear_error():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import tiny_model as family_model
 from tiny_lm import tiny_model
 
 from gem_fast.data import PreferencePair, encode_pairs, encode_prompt_responses
-from gem_fast.logprobs import PairLogprobs, pair_logprobs, sequence_logprobs
+from gem_fast.logprobs import PairLogprobs, output_head, pair_logprobs, sequence_logprobs
 
 PROMPTS = ["Q: 2+2?", "Say hi", "x"]
 RESPONSES = [" 4", " hello there", "yz"]
@@ -101,3 +102,9 @@ def test_sequence_logprobs_apply_the_heads_soft_cap(model, tok):
     expected = torch.where(batch.response_mask[:, 1:], picked, 0.0).sum(-1)
     torch.testing.assert_close(capped.double(), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(capped, sequence_logprobs(model, batch, backend="torch"), atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type, scale, softcap", [("cohere", 0.5, None), ("gemma2", 1.0, 3.0), ("llama", 1.0, None)])
+def test_output_head_reads_scale_and_softcap(model_type, scale, softcap):
+    # tiny_families sets Cohere's logit_scale to 0.5 and Gemma-2's final_logit_softcapping to 3.0.
+    assert output_head(family_model(model_type))[2:] == (scale, softcap)
